@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make demo` and `make test` build or reuse .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pinned: a CPU build from local disk; an unpinned torch pulls a multi-GB CUDA build
+TORCH ?= torch==2.13.0
+FAIRSEQ ?= fairseq-fixed==0.12.3.1
+
+.PHONY: venv demo test bench clean-venv
+
+venv: $(VENV)/.ready
+
+$(VENV)/.ready: setup.py requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" numpy cython "setuptools<81" wheel
+	# fairseq compiles its C++ helpers against the torch above (about 3 minutes)
+	$(PY) -m pip install -q --no-build-isolation "$(FAIRSEQ)"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo.sh
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
