@@ -1,0 +1,3 @@
+"""ELMER for fairseq. `--user-dir` imports this package, which registers everything with fairseq."""
+from . import checkpoint  # noqa: F401  (first: lets torch's safe loading open our checkpoints)
+from . import bpe, criterions, models, tasks  # noqa: F401

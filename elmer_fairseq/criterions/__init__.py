@@ -1,0 +1,1 @@
+from . import elmer_loss  # noqa: F401

@@ -1,0 +1,20 @@
+"""ELMER's training loss: the cross-entropy of its off-ramps.
+
+The model returns one nat_loss term per off-ramp (soft and hard exit: every layer, weighted 1/L;
+LPLM: each token at its sampled exit layer), so fairseq's generic NAT criterion sums them; this
+criterion only adds what ELMER batches need.
+"""
+from fairseq.criterions import register_criterion
+from fairseq.criterions.nat_loss import (
+    LabelSmoothedDualImitationCriterion,
+    LabelSmoothedDualImitationCriterionConfig,
+)
+
+
+@register_criterion("elmer_loss", dataclass=LabelSmoothedDualImitationCriterionConfig)
+class ElmerLoss(LabelSmoothedDualImitationCriterion):
+    def forward(self, model, sample, reduce=True):
+        # nat_loss reads the decoder input from "prev_target"; ELMER's is the [MASK] row its
+        # task collates (and the LPLM task may add sampled exit layers)
+        sample["prev_target"] = sample["net_input"]["prev_output_tokens"]
+        return super().forward(model, sample, reduce)

@@ -1,0 +1,85 @@
+"""One-pass NAR generation for `fairseq-generate --task elmer_translation --iter-decode-max-iter 0`."""
+import atexit
+import logging
+import math
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def cut_at_first_eos(tokens: Tensor, eos: int, pad: int) -> Tensor:
+    """[B, T] -> the same with every position after the first EOS set to pad (the output's end).
+
+    fairseq strips pad, not what follows an EOS, so whatever the decoder predicted there must go.
+    A row without EOS keeps all T tokens.
+    """
+    after_eos = tokens.eq(eos).long().cumsum(dim=1) - tokens.eq(eos).long() > 0
+    return tokens.masked_fill(after_eos, pad)
+
+
+class ExitStats:
+    """Counts how many output tokens exit at each layer, for the summary at the end of a run."""
+
+    def __init__(self, num_layers: int):
+        self.counts = torch.zeros(num_layers, dtype=torch.long)
+
+    def add(self, exit_layer: Tensor, keep: Tensor):
+        self.counts += torch.bincount(exit_layer[keep].cpu() - 1, minlength=len(self.counts))
+
+    def summary(self) -> str:
+        total = int(self.counts.sum())
+        if total == 0:
+            return "ELMER exit layers: no tokens generated"
+        share = self.counts.double() / total
+        mean = float((share * torch.arange(1, len(share) + 1)).sum())
+        layers = ", ".join(f"L{l + 1} {100 * s:.1f}%" for l, s in enumerate(share.tolist()))
+        return f"ELMER exit layers over {total:,} tokens: mean {mean:.2f} of {len(share)}; {layers}"
+
+
+class ElmerGenerator:
+    """Encoder once, decoder once; the output ends at the first predicted EOS. No gold length."""
+
+    def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float):
+        self.tgt_dict = tgt_dict
+        self.eos = tgt_dict.eos()  # fairseq-generate strips it from the printed hypotheses
+        self.length = max_target_length
+        self.exit_threshold = exit_threshold
+        self.stats = None
+        # fairseq-generate has no end-of-run hook for generators; report when the process ends
+        atexit.register(self.log_summary)
+
+    def log_summary(self):
+        if self.stats is not None:
+            logger.info(self.stats.summary())
+
+    @torch.no_grad()
+    def generate(self, models, sample: Dict, prefix_tokens=None, constraints=None, **unused) -> List[List[Dict]]:
+        if len(models) != 1:
+            raise ValueError("ELMER generation takes one model; ensembles are not supported")
+        if prefix_tokens is not None:
+            raise ValueError("ELMER fills all positions at once; --prefix-size is not supported")
+        model = models[0]
+        model.eval()
+        net_input = sample["net_input"]
+        out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold)
+        eos, pad = self.tgt_dict.eos(), self.tgt_dict.pad()
+        tokens = cut_at_first_eos(out.tokens, eos, pad)
+        keep = tokens.ne(pad)
+        if self.stats is None:
+            self.stats = ExitStats(model.decoder.num_layers)
+        self.stats.add(out.exit_layer, keep)
+        hypos = []
+        for i in range(tokens.size(0)):
+            scores = out.scores[i][keep[i]]
+            hypos.append([{
+                "tokens": tokens[i][keep[i]],
+                "score": scores.mean() if scores.numel() else scores.new_tensor(-math.inf),
+                "positional_scores": scores,
+                "exit_layers": out.exit_layer[i][keep[i]],
+                "attention": None,
+                "alignment": None,
+            }])
+        return hypos

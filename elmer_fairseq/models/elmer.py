@@ -1,0 +1,258 @@
+"""ELMER (Li et al., EMNLP 2022): a non-autoregressive Transformer whose decoder has an off-ramp at
+every layer, so that confident tokens exit early and the tokens still in flight condition on them.
+
+The encoder is fairseq's. The decoder reads T [MASK] tokens, attends bidirectionally, and predicts
+every position in one pass; how a position travels through the layers is the exit policy:
+
+- soft: every layer predicts y^l = argmax off-ramp(h^l) and the next layer reads W [Embed(y^l); h^l];
+        the prediction is the last layer's (paper eqs. 11-12);
+- hard: a position exits at the first layer whose off-ramp entropy is < delta; its state is then
+        copied to every upper layer; once every position has exited, no further layer runs;
+- lplm: (pretraining) every position exits at a layer given by the caller, sampled by LPLM.
+"""
+import math
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerDecoder, TransformerModel, base_architecture
+from torch import Tensor, nn
+
+from ..ops import off_ramp
+
+EXIT_MODES = ("soft", "hard")
+MASK_SYMBOL = "<mask>"
+
+
+class Decoded(NamedTuple):
+    tokens: Tensor  # [B, T] argmax at each position's exit layer
+    scores: Tensor  # [B, T] log-probability of that token
+    exit_layer: Tensor  # [B, T] 1-based layer where the position exited (L when it never did)
+
+
+@register_model("elmer")
+class ElmerModel(TransformerModel):
+    """fairseq's Transformer with ELMER's decoder. `forward` returns nat_loss-style loss terms."""
+
+    @staticmethod
+    def add_args(parser):
+        TransformerModel.add_args(parser)
+        parser.add_argument(
+            "--per-layer-off-ramps", action="store_true",
+            help="give every decoder layer its own off-ramp classifier instead of sharing the "
+                 "output embedding across layers (the paper shares them in pretraining)",
+        )
+
+    @classmethod
+    def build_model(cls, args, task):
+        if getattr(args, "decoder_normalize_before", False):
+            raise ValueError(
+                "--decoder-normalize-before is not supported by ELMER: the off-ramps read each "
+                "layer's output directly and exited states are copied upward as they are"
+            )
+        if MASK_SYMBOL not in task.target_dictionary:
+            raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use an ELMER task")
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        return ElmerDecoder(args, tgt_dict, embed_tokens)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, tgt_tokens, exit_layers=None):
+        """Loss terms for `elmer_loss` (fairseq's nat_loss format).
+
+        prev_output_tokens: [B, T] [MASK]s; tgt_tokens: [B, T] y + EOS, pad after it.
+        exit_layers: [K*B, T] LPLM exit layers in 1..L for K permutations of each sequence
+        (sequence i's k-th permutation is row k*B + i); None fine-tunes with the model's
+        `exit_mode`. The encoder runs once either way.
+        """
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
+        mask = tgt_tokens.ne(self.decoder.padding_idx)
+        if exit_layers is not None:
+            k = exit_layers.size(0) // tgt_tokens.size(0)
+            if k > 1:
+                order = torch.arange(tgt_tokens.size(0), device=tgt_tokens.device).repeat(k)
+                encoder_out = self.encoder.reorder_encoder_out(encoder_out, order)
+                prev_output_tokens, tgt_tokens, mask = (t.repeat(k, 1) for t in (prev_output_tokens, tgt_tokens, mask))
+            logits = self.decoder.forward_lplm(prev_output_tokens, encoder_out, exit_layers)
+            return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "nll_loss": True}}
+        layer_logits = self.decoder(prev_output_tokens, encoder_out, tgt_tokens)
+        num_layers = len(layer_logits)
+        return {
+            f"layer{l + 1}": {
+                "out": logits, "tgt": tgt_tokens, "mask": mask,
+                "factor": 1.0 / num_layers, "nll_loss": l == num_layers - 1,
+            }
+            for l, logits in enumerate(layer_logits)
+        }
+
+    @torch.no_grad()
+    def generate(self, src_tokens, src_lengths, length: int, exit_threshold: float = 0.5) -> Decoded:
+        """One-pass decoding of T = `length` positions: encoder once, decoder once."""
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
+        return self.decoder.decode(encoder_out, length, exit_threshold)
+
+
+class ElmerDecoder(TransformerDecoder):
+    """Bidirectional NAR decoder over [MASK] inputs with an off-ramp after every layer."""
+
+    def __init__(self, args, dictionary, embed_tokens):
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=False)
+        self.exit_mode = args.exit_mode
+        self.exit_threshold = args.exit_threshold
+        self.mask_idx = dictionary.index(MASK_SYMBOL)
+        if args.per_layer_off_ramps:
+            self.off_ramps = nn.ModuleList(
+                nn.Linear(self.output_embed_dim, len(dictionary), bias=False) for _ in self.layers
+            )
+            for ramp in self.off_ramps:
+                nn.init.normal_(ramp.weight, mean=0, std=self.output_embed_dim ** -0.5)
+        else:
+            self.off_ramps = None
+        # W in h~ = W [Embed(y); h] (paper eq. 12); only soft exit has it
+        self.soft_exit = nn.Linear(2 * self.embed_dim, self.embed_dim, bias=False) if self.exit_mode == "soft" else None
+
+    def off_ramp_weight(self, layer: int) -> Tensor:
+        return self.output_projection.weight if self.off_ramps is None else self.off_ramps[layer].weight
+
+    def embed(self, prev_output_tokens: Tensor) -> Tensor:
+        """[B, T] tokens -> [T, B, C] decoder input: word + learned position embeddings."""
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(prev_output_tokens)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return self.dropout_module(x).transpose(0, 1)
+
+    def fuse(self, tokens: Tensor, h: Tensor) -> Tensor:
+        """Soft exit: the next layer reads W [Embed(y^l); h^l]."""
+        return self.soft_exit(torch.cat([self.embed_tokens(tokens), h], dim=-1))
+
+    def run_layer(self, layer: int, x: Tensor, encoder_out) -> Tensor:
+        enc = encoder_out["encoder_out"][0]
+        enc_mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        # no self_attn_mask: the NAR decoder attends to every position, left and right
+        return self.layers[layer](x, enc, enc_mask)[0]
+
+    def forward(self, prev_output_tokens, encoder_out, tgt_tokens=None) -> List[Tensor]:
+        """Training pass with the model's exit mode; returns every layer's off-ramp logits [B, T, V].
+
+        Hard exit trains every off-ramp (the mean of the per-layer cross-entropies, as soft exit
+        does) while the forward pass applies the same entropy rule as decoding: a position whose
+        entropy falls below delta keeps its state in all upper layers. Early in training nothing
+        is confident, so this is plain deep supervision that teaches the lower off-ramps; as they
+        become confident, the upper layers learn to work beside frozen neighbours, as they must
+        at inference. A frozen position's upper-layer loss repeats its exit-layer loss (the
+        off-ramp is shared), so a token's exit layer is weighted by how many layers it spans.
+        """
+        x = self.embed(prev_output_tokens)
+        frozen = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)  # [T, B]
+        layer_logits = []
+        for l in range(self.num_layers):
+            h = self.run_layer(l, x, encoder_out)
+            if self.exit_mode == "hard":
+                h = torch.where(frozen.unsqueeze(-1), x, h)
+            logits = F.linear(h, self.off_ramp_weight(l))
+            layer_logits.append(logits.transpose(0, 1))
+            if self.exit_mode == "soft":
+                x = self.fuse(logits.argmax(-1), h) if l < self.num_layers - 1 else h
+            else:
+                log_p = torch.log_softmax(logits.detach().float(), dim=-1)
+                frozen = frozen | (-(log_p.exp() * log_p).sum(-1) < self.exit_threshold)
+                x = h
+        return layer_logits
+
+    def forward_lplm(self, prev_output_tokens, encoder_out, exit_layers: Tensor) -> Tensor:
+        """LPLM: position t is updated by layers 1..l_t and frozen above; returns the logits of
+        its off-ramp at l_t, [B, T, V]."""
+        x = self.embed(prev_output_tokens)
+        exit_layers = exit_layers.t()  # [T, B]
+        for l in range(self.num_layers):
+            h = self.run_layer(l, x, encoder_out)
+            x = torch.where((exit_layers > l).unsqueeze(-1), h, x)
+        if self.off_ramps is None:
+            return self.output_layer(x).transpose(0, 1)
+        logits = x.new_zeros(*x.shape[:2], len(self.dictionary))
+        for l in range(self.num_layers):
+            at = exit_layers == l + 1
+            logits[at] = F.linear(x[at], self.off_ramp_weight(l))
+        return logits.transpose(0, 1)
+
+    @torch.no_grad()
+    def decode(self, encoder_out, length: int, exit_threshold: float = 0.5) -> Decoded:
+        """One pass over T = `length` [MASK] positions with the model's exit mode."""
+        enc = encoder_out["encoder_out"][0]
+        bsz = enc.size(1)
+        masks = enc.new_full((bsz, length), self.mask_idx, dtype=torch.long)
+        x = self.embed(masks)  # [T, B, C]
+        M, L = length * bsz, self.num_layers
+        tokens = masks.new_full((M,), self.dictionary.unk())
+        scores = x.new_zeros(M, dtype=torch.float)
+        exit_layer = masks.new_full((M,), L)
+        active = torch.arange(M, device=x.device)
+        for l in range(L):
+            h = self.run_layer(l, x, encoder_out)
+            flat = h.reshape(M, -1)
+            if self.exit_mode == "soft":
+                ramp = off_ramp(flat, self.off_ramp_weight(l), 0.0)
+                tokens, scores = ramp.token, ramp.prob
+                x = self.fuse(tokens.view(length, bsz), h) if l < L - 1 else h
+                continue
+            # the last layer predicts whatever is left, confident or not
+            threshold = math.inf if l == L - 1 else exit_threshold
+            ramp = off_ramp(flat, self.off_ramp_weight(l), threshold, active, x.reshape(M, -1))
+            done = active[ramp.exit]
+            tokens[done], scores[done] = ramp.token[ramp.exit], ramp.prob[ramp.exit]
+            exit_layer[done] = l + 1
+            active = active[~ramp.exit]
+            x = ramp.state.view_as(h)
+            if active.numel() == 0:  # every position has exited: the upper layers would only copy
+                break
+
+        def batch_major(t):
+            return t.view(length, bsz).t()
+
+        return Decoded(batch_major(tokens), batch_major(scores.log()), batch_major(exit_layer))
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints without this decoder's optional parts (e.g. the soft-exit W of a pretrained
+        LPLM model, or per-layer off-ramps) start those parts from this model's initialisation."""
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = name + "." if name else ""
+        for key, value in self.state_dict().items():
+            if key.startswith(("soft_exit.", "off_ramps.")) and prefix + key not in state_dict:
+                state_dict[prefix + key] = value
+        return state_dict
+
+
+def elmer_defaults(args, **defaults):
+    """Fill ELMER's fixed choices, then the architecture's sizes, then fairseq's defaults."""
+    for key, value in defaults.items():
+        setattr(args, key, getattr(args, key, value))
+    args.encoder_learned_pos = True
+    args.decoder_learned_pos = True
+    args.share_all_embeddings = getattr(args, "share_all_embeddings", True)
+    args.share_decoder_input_output_embed = True
+    args.per_layer_off_ramps = getattr(args, "per_layer_off_ramps", False)
+    base_architecture(args)
+
+
+@register_model_architecture("elmer", "elmer_base")
+def elmer_base(args):
+    """The paper's size: 6+6 layers, d=768, 12 heads, FFN 3072, BART-style embeddings."""
+    elmer_defaults(
+        args, encoder_layers=6, decoder_layers=6, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
+        encoder_attention_heads=12, decoder_attention_heads=12, activation_fn="gelu",
+        layernorm_embedding=True, no_scale_embedding=True, dropout=0.1, attention_dropout=0.1,
+    )
+
+
+@register_model_architecture("elmer", "elmer_tiny")
+def elmer_tiny(args):
+    """3+3 layers, d=256: trains in minutes on two CPU cores (tests, demo)."""
+    elmer_defaults(
+        args, encoder_layers=3, decoder_layers=3, encoder_embed_dim=256, encoder_ffn_embed_dim=1024,
+        encoder_attention_heads=4, decoder_attention_heads=4, activation_fn="gelu",
+        layernorm_embedding=True, no_scale_embedding=False, dropout=0.1, attention_dropout=0.0,
+    )

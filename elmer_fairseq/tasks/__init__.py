@@ -1,0 +1,1 @@
+from . import elmer_translation  # noqa: F401

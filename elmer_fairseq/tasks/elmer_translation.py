@@ -1,0 +1,175 @@
+"""Fine-tuning and one-pass generation of ELMER on fairseq-binarized source/target pairs."""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.data import BaseWrapperDataset, data_utils, indexed_dataset
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from ..models.elmer import EXIT_MODES, MASK_SYMBOL
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXIT_THRESHOLD = 0.5  # the paper's delta
+
+
+@dataclass
+class ElmerTranslationConfig(TranslationConfig):
+    max_target_length: int = field(
+        default=64,
+        metadata={"help": "T: the number of [MASK] positions the NAR decoder fills, i.e. the longest "
+                          "output, EOS included. Longer training targets are cut to T (with a warning)"},
+    )
+    # a plain str (validated at start-up): fairseq's ChoiceEnum values do not pickle into checkpoints
+    exit_mode: Optional[str] = field(
+        default=None,
+        metadata={"help": "early exit policy, soft or hard: soft (every layer predicts and feeds its prediction "
+                          "upward) or hard (a token exits at the first layer whose off-ramp entropy "
+                          "is below --exit-threshold). Training default: soft. Generation: the "
+                          "checkpoint's mode; another mode is an error"},
+    )
+    exit_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": f"hard exit's delta: a token exits when its off-ramp entropy (nats) is "
+                          f"below it (default {DEFAULT_EXIT_THRESHOLD}; 0 = never exit early). "
+                          f"Only with --exit-mode hard"},
+    )
+
+
+def resolve_exit_options(mode: Optional[str], threshold: Optional[float]):
+    """Validate --exit-mode/--exit-threshold together; returns (mode, threshold)."""
+    mode = mode or "soft"
+    if mode not in EXIT_MODES:
+        raise ValueError(f"--exit-mode must be one of {', '.join(EXIT_MODES)}, got {mode!r}")
+    if threshold is not None and mode != "hard":
+        raise ValueError(f"--exit-threshold applies to hard exit only, but --exit-mode is {mode}")
+    if threshold is None:
+        threshold = DEFAULT_EXIT_THRESHOLD
+    if not threshold >= 0:  # also rejects NaN
+        raise ValueError(f"--exit-threshold must be >= 0 (an entropy in nats), got {threshold}")
+    return mode, threshold
+
+
+class ElmerBatches(BaseWrapperDataset):
+    """Collates pairs for the NAR decoder: T [MASK] inputs, targets y + EOS cut or padded to T."""
+
+    def __init__(self, dataset, mask_idx: int, length: int):
+        super().__init__(dataset)
+        self.mask_idx, self.length = mask_idx, length
+
+    def collater(self, samples):
+        batch = self.dataset.collater(samples)
+        if not batch or batch.get("target") is None:
+            return batch
+        target = batch["target"]
+        pad, eos = self.dataset.tgt_dict.pad(), self.dataset.tgt_dict.eos()
+        if target.size(1) > self.length:
+            target = target[:, : self.length].clone()
+            cut = target[:, -1].ne(pad) & target[:, -1].ne(eos)
+            target[cut, -1] = eos
+        batch["target"] = torch.nn.functional.pad(target, (0, self.length - target.size(1)), value=pad)
+        batch["net_input"]["prev_output_tokens"] = target.new_full(
+            (target.size(0), self.length), self.mask_idx
+        )
+        batch["ntokens"] = int(batch["target"].ne(pad).sum())
+        return batch
+
+
+@register_task("elmer_translation", dataclass=ElmerTranslationConfig)
+class ElmerTranslationTask(TranslationTask):
+    """Sequence-to-sequence fine-tuning of ELMER (summarization, question generation, dialogue)."""
+
+    cfg: ElmerTranslationConfig
+
+    @classmethod
+    def load_dictionary(cls, filename):
+        if not os.path.exists(filename):
+            raise FileNotFoundError(f"dictionary {filename} not found: binarize the data with "
+                                    f"fairseq-preprocess (see examples/prepare_xsum.py)")
+        dictionary = super().load_dictionary(filename)
+        dictionary.add_symbol(MASK_SYMBOL)
+        return dictionary
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        if cfg.max_target_length < 1:
+            raise ValueError(f"--max-target-length must be >= 1, got {cfg.max_target_length}")
+        if cfg.max_target_length > cfg.max_target_positions:
+            raise ValueError(f"--max-target-length {cfg.max_target_length} exceeds "
+                             f"--max-target-positions {cfg.max_target_positions}")
+        # fail before any data loads; without --exit-mode the model decides (build_model/generator)
+        resolve_exit_options(cfg.exit_mode or "hard", cfg.exit_threshold)
+        super().__init__(cfg, src_dict, tgt_dict)
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        paths = [os.path.join(p, f"{split}.{self.cfg.source_lang}-{self.cfg.target_lang}.{lang}")
+                 for p in utils.split_paths(self.cfg.data)[:1] for lang in (self.cfg.source_lang, self.cfg.target_lang)]
+        missing = [p for p in paths if not indexed_dataset.dataset_exists(p, impl=self.cfg.dataset_impl)]
+        if missing:
+            raise FileNotFoundError(f"no binarized {split} split: {', '.join(p + '.bin/.idx' for p in missing)} "
+                                    f"missing (fairseq-preprocess --source-lang {self.cfg.source_lang} "
+                                    f"--target-lang {self.cfg.target_lang} ...)")
+        src = data_utils.load_indexed_dataset(paths[0], self.src_dict, self.cfg.dataset_impl)
+        tgt = data_utils.load_indexed_dataset(paths[1], self.tgt_dict, self.cfg.dataset_impl)
+        if len(src) != len(tgt):
+            raise ValueError(f"{split}: {len(src)} source lines ({paths[0]}) but {len(tgt)} target "
+                             f"lines ({paths[1]}); the raw files must have one pair per line")
+        if len(src) == 0:
+            raise ValueError(f"{split}: {paths[0]} holds no examples")
+        self.check_lengths(split, src.sizes, tgt.sizes)
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        self.datasets[split] = ElmerBatches(self.datasets[split], self.tgt_dict.index(MASK_SYMBOL),
+                                            self.cfg.max_target_length)
+
+    def check_lengths(self, split, src_sizes, tgt_sizes):
+        long_src = int((src_sizes > self.cfg.max_source_positions).sum())
+        if long_src and not self.cfg.truncate_source:
+            raise ValueError(f"{split}: {long_src} of {len(src_sizes)} sources are longer than "
+                             f"--max-source-positions {self.cfg.max_source_positions}; pass "
+                             f"--truncate-source to cut them")
+        if long_src:
+            logger.warning(f"{split}: {long_src} of {len(src_sizes)} sources are cut to "
+                           f"--max-source-positions {self.cfg.max_source_positions} (--truncate-source)")
+        long_tgt = int((tgt_sizes > self.cfg.max_target_length).sum())
+        if long_tgt:
+            logger.warning(f"{split}: {long_tgt} of {len(tgt_sizes)} targets are longer than "
+                           f"--max-target-length {self.cfg.max_target_length} (EOS included); the "
+                           f"model learns them cut to that length")
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        if dataset is not self.datasets.get(self.cfg.train_subset):
+            # fairseq-generate drops the last samples of a split that does not fill whole
+            # multiples of --required-batch-size-multiple; evaluation must see every sample
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
+    def max_positions(self):
+        # targets never limit batching: they are cut to --max-target-length
+        return (self.cfg.max_source_positions, None)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        if not from_checkpoint:  # a new model takes this run's exit options; a loaded one keeps its own
+            cfg.exit_mode, cfg.exit_threshold = resolve_exit_options(self.cfg.exit_mode, self.cfg.exit_threshold)
+        return super().build_model(cfg, from_checkpoint)
+
+    def build_generator(self, models, args, **unused):
+        from ..generator import ElmerGenerator
+
+        if getattr(args, "iter_decode_max_iter", 0) != 0:
+            raise ValueError("ELMER decodes in one pass: pass --iter-decode-max-iter 0")
+        if getattr(args, "beam", 1) != 1:
+            raise ValueError("ELMER has no beam search (one pass, no length predictor): pass --beam 1")
+        mode = models[0].decoder.exit_mode
+        if self.cfg.exit_mode not in (None, mode):
+            raise ValueError(f"--exit-mode {self.cfg.exit_mode} does not match the checkpoint, which "
+                             f"was fine-tuned with --exit-mode {mode}")
+        _, threshold = resolve_exit_options(mode, self.cfg.exit_threshold)
+        return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, threshold)
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
+        if constraints is not None:
+            raise NotImplementedError("constrained decoding is not supported by ELMER")
+        return super().build_dataset_for_inference(src_tokens, src_lengths)
