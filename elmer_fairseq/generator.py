@@ -2,6 +2,7 @@
 import atexit
 import logging
 import math
+import weakref
 from typing import Dict, List
 
 import torch
@@ -48,8 +49,10 @@ class ElmerGenerator:
         self.length = max_target_length
         self.exit_threshold = exit_threshold
         self.stats = None
-        # fairseq-generate has no end-of-run hook for generators; report when the process ends
-        atexit.register(self.log_summary)
+        # fairseq-generate has no end-of-run hook for generators: report when the process ends,
+        # through a weak reference so that a generator dropped earlier reports nothing
+        this = weakref.ref(self)
+        atexit.register(lambda: this() is not None and this().log_summary())
 
     def log_summary(self):
         if self.stats is not None:

@@ -1,0 +1,222 @@
+"""Benchmark of the fused off-ramp (not a test): prints a markdown table.
+
+GPU: eager reference, torch.compile of the reference, the extension (CUDA kernel), and the bare
+matmul `rows @ weight.T` (the floor): median time over CUDA-event-timed calls after a warm-up, and
+peak memory above the inputs (torch.cuda.max_memory_allocated).
+CPU: eager reference, the extension (C++ path) and the matmul; time by wall clock, peak memory as
+the growth of the peak RSS of a fresh process doing one call (--cpu-memory; rough).
+
+Each call is the decoding hot path: N active rows (`index`, a random subset of M = 5N/4 rows), a
+state to update, d = 768, V = 50265 (BART's vocabulary).
+
+    python examples/bench_off_ramp.py --device cuda --out results/bench_off_ramp_gpu.md
+    python examples/bench_off_ramp.py --device cpu --sizes 32,128,512
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from elmer_fairseq.ops import _ext
+from elmer_fairseq.ops.off_ramp import off_ramp_reference
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIB = 2.0**20
+
+
+def inputs(n, d, v, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = n + n // 4
+    hidden = torch.randn(m, d, generator=g).to(device, dtype)
+    weight = (torch.randn(v, d, generator=g) * (3.0 / d**0.5)).to(device, dtype)
+    state = torch.randn(m, d, generator=g).to(device, dtype)
+    index = torch.randperm(m, generator=g)[:n].to(device)
+    return hidden, weight, index, state
+
+
+def methods(args, hidden, weight, index, state, compiled):
+    thr = args.threshold
+    rows = hidden.index_select(0, index)
+    ext = _ext.load_extension("cuda" if hidden.is_cuda else "cpu")
+    found = {
+        "eager": lambda: off_ramp_reference(hidden, weight, thr, index, state),
+        "compile": (lambda: compiled(hidden, weight, thr, index, state)) if compiled else None,
+        "ext": lambda: _ext.off_ramp(hidden, weight, thr, index, state),
+        "matmul": lambda: rows @ weight.t(),
+    }
+    for c in args.chunks:
+        found[f"ext C={c}"] = lambda c=c: ext.off_ramp(hidden, weight, thr, index, state, c)
+    return {k: f for k, f in found.items() if f is not None}
+
+
+def time_cuda(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_cuda(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / MIB
+
+
+def time_cpu(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def peak_cpu(args, name, n, dtype):
+    """Peak RSS growth of one call, in a fresh process (ru_maxrss cannot be reset)."""
+    cmd = [sys.executable, __file__, "--device", "cpu", "--_one", name, "--sizes", str(n),
+           "--dtypes", dtype, "--d", str(args.d), "--vocab", str(args.vocab),
+           "--chunks", ",".join(map(str, args.chunks)) or "none"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return float("nan")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def one_cpu_call(args):
+    n, dtype = args.sizes[0], DTYPES[args.dtypes[0]]
+    tensors = inputs(n, args.d, args.vocab, dtype, "cpu")
+    fn = methods(args, *tensors, None)[args._one]
+    fn()  # builds / loads, fills caches
+    base = rss_mib()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": max(0.0, peak - max(base, 0.0)) if peak > peak_before else 0.0}))
+
+
+def hardware(device):
+    versions = f"torch {torch.__version__}"
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), {versions}, CUDA {torch.version.cuda}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {versions}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--sizes", default=None, help="N values, comma-separated (default: GPU 128,4096,32768; CPU 32,128,512)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=50265)
+    parser.add_argument("--threshold", type=float, default=2.0)
+    parser.add_argument("--warmup", type=int, default=None, help="calls before timing (default: GPU 5, CPU 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls (default: GPU 20, CPU 3)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default on GPU only)")
+    parser.add_argument("--chunks", default="", help="extra columns: the extension at these chunk sizes")
+    parser.add_argument("--cpu-memory", action="store_true", help="measure CPU peak RSS (a process per cell)")
+    parser.add_argument("--out", default=None, help="also write the markdown here")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.sizes = [int(s) for s in (args.sizes or ("128,4096,32768" if gpu else "32,128,512")).split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.chunks = [int(c) for c in args.chunks.split(",") if c and c != "none"]
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.reps = args.reps if args.reps is not None else (20 if gpu else 3)
+    if args._one:
+        return one_cpu_call(args)
+
+    torch.manual_seed(0)
+    compiled = None
+    if gpu and not args.no_compile:
+        torch._dynamo.config.cache_size_limit = 64
+        compiled = torch.compile(off_ramp_reference, dynamic=False)
+    head = [f"# Off-ramp benchmark: {hardware(args.device)}", "",
+            f"d = {args.d}, V = {args.vocab}, N active rows of M = 5N/4 (index + state), threshold {args.threshold}. "
+            f"Time: median of {args.reps} calls after {args.warmup} warm-up "
+            + ("(CUDA events)" if gpu else "(wall clock)") + "; memory: peak above the inputs"
+            + (" (torch.cuda.max_memory_allocated)." if gpu else (" (peak RSS growth of a fresh process, rough)." if args.cpu_memory else " (not measured on CPU; --cpu-memory)."))
+            , ""]
+    print("\n".join(head), flush=True)
+    rows_md, names = [], None
+    for dname in args.dtypes:
+        for n in args.sizes:
+            tensors = inputs(n, args.d, args.vocab, DTYPES[dname], args.device)
+            fns = methods(args, *tensors, compiled)
+            names = names or list(fns)
+            ms, mem = {}, {}
+            for name, fn in fns.items():
+                try:
+                    if gpu:
+                        t0 = time.perf_counter()
+                        fn()
+                        torch.cuda.synchronize()
+                        first = time.perf_counter() - t0
+                        if first > 5:
+                            print(f"  ({dname} N={n} {name}: first call {first:.0f} s)", flush=True)
+                        ms[name] = time_cuda(fn, args.warmup, args.reps)
+                        mem[name] = peak_cuda(fn)
+                    else:
+                        ms[name] = time_cpu(fn, args.warmup, args.reps)
+                        mem[name] = peak_cpu(args, name, n, dname) if args.cpu_memory else float("nan")
+                except torch.cuda.OutOfMemoryError:
+                    ms[name] = mem[name] = float("nan")
+                if gpu:
+                    torch.cuda.empty_cache()
+            ext, ref = fns["ext"](), fns["eager"]()
+            agree = 100.0 * (ext.token == ref.token).float().mean().item() if n else 100.0
+            chunk = _ext.load_extension(args.device if gpu else "cpu").chunk_columns(0, n, args.vocab, tensors[0].element_size(), gpu)
+            cells = [dname, str(n), str(chunk)] + [f"{ms[k]:.3f}" for k in names] + [
+                f"{ms['eager'] / ms['ext']:.1f}x", f"{ms['ext'] / ms['matmul']:.2f}x"
+            ] + [f"{mem[k]:.0f}" for k in names] + [f"{agree:.2f}"]
+            rows_md.append("| " + " | ".join(cells) + " |")
+            print(rows_md[-1], flush=True)
+            del tensors, fns, ext, ref
+    header = (["dtype", "N", "auto C"] + [f"{k} ms" for k in names] + ["eager / ext", "ext / matmul"]
+              + [f"{k} MiB" for k in names] + ["same token %"])
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows_md
+    cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    text = "\n".join(head + table + ["", f"Command: `{cmd}`", ""])
+    print("\n" + text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

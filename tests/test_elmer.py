@@ -1,0 +1,189 @@
+"""The model: soft and hard early exit, the bidirectional decoder, one-pass generation."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from elmer_fairseq.criterions.elmer_loss import ElmerLoss
+from elmer_fairseq.generator import ElmerGenerator, cut_at_first_eos
+from elmer_fairseq.ops import off_ramp_reference
+
+from conftest import sample_batch, tiny_model
+
+
+def encode(model, batch):
+    net = batch["net_input"]
+    return model.encoder(net["src_tokens"], src_lengths=net["src_lengths"])
+
+
+def recording_layers(decoder):
+    """Wraps run_layer to record (layer index, input state [T, B, C]) of every call."""
+    calls, run = [], decoder.run_layer
+
+    def record(layer, x, encoder_out):
+        calls.append((layer, x.clone()))
+        return run(layer, x, encoder_out)
+
+    decoder.run_layer = record
+    return calls
+
+
+def first_exits(layer_logits, threshold):
+    """From per-layer logits [L][B, T, V]: each position's hard-exit layer (0-based) and token."""
+    L = len(layer_logits)
+    exit_at = torch.full(layer_logits[0].shape[:2], L - 1)
+    for l in reversed(range(L - 1)):
+        log_p = torch.log_softmax(layer_logits[l].float(), -1)
+        exit_at = torch.where(-(log_p.exp() * log_p).sum(-1) < threshold, l, exit_at)
+    stacked = torch.stack([g.argmax(-1) for g in layer_logits])  # [L, B, T]
+    return exit_at, stacked.gather(0, exit_at.unsqueeze(0)).squeeze(0)
+
+
+def split_threshold(model, batch, quantile=0.5):
+    """A delta that lets about `quantile` of the positions exit at layer 1 (an untrained model's
+    entropies are all alike, so a fixed delta would exit all or none)."""
+    logits = model.decoder(batch["net_input"]["prev_output_tokens"], encode(model, batch))[0]
+    log_p = torch.log_softmax(logits, -1)
+    return torch.quantile(-(log_p.exp() * log_p).sum(-1).flatten(), quantile).item()
+
+
+@pytest.mark.parametrize("quantile", [0.3, 0.7])
+def test_hard_exit_copies_exited_state_to_every_upper_layer(xsum_tiny, quantile):
+    task, model = tiny_model(xsum_tiny, "hard")
+    batch = sample_batch(task)
+    threshold = split_threshold(model, batch, quantile)
+    calls = recording_layers(model.decoder)
+    out = model.decoder.decode(encode(model, batch), 12, threshold)
+    exit_layer = out.exit_layer.t().reshape(-1)  # [T*B], the decoder's flat order
+    inputs = {layer: x.reshape(exit_layer.numel(), -1) for layer, x in calls}  # input of 0-based layer
+    assert len(inputs) > 1 and exit_layer.eq(1).any()
+    for a in inputs:
+        for b in inputs:
+            if b > a:  # positions that exited in the first a layers read one state ever after
+                frozen = exit_layer <= a
+                assert torch.equal(inputs[a][frozen], inputs[b][frozen])
+                assert not torch.equal(inputs[a][~frozen], inputs[b][~frozen])
+
+
+def test_huge_threshold_exits_everything_at_layer_one_and_skips_the_rest(xsum_tiny):
+    task, model = tiny_model(xsum_tiny, "hard")
+    batch = sample_batch(task)
+    calls = recording_layers(model.decoder)
+    out = model.decoder.decode(encode(model, batch), 12, 1e9)
+    assert out.exit_layer.eq(1).all()
+    assert [layer for layer, _ in calls] == [0]  # layers 2 and 3 never ran
+
+
+def test_zero_threshold_never_exits_early_and_equals_last_layer_prediction(xsum_tiny):
+    task, model = tiny_model(xsum_tiny, "hard")
+    batch = sample_batch(task)
+    out = model.decoder.decode(encode(model, batch), 12, 0.0)
+    assert out.exit_layer.eq(3).all()
+    model.decoder.exit_threshold = 0.0  # training pass without any freezing: plain last layer
+    logits = model.decoder(batch["net_input"]["prev_output_tokens"], encode(model, batch))
+    assert torch.equal(out.tokens, logits[-1].argmax(-1))
+
+
+@pytest.mark.parametrize("quantile", [0.3, 0.7, None])
+def test_skipping_layers_once_all_exited_matches_running_them(xsum_tiny, quantile):
+    task, model = tiny_model(xsum_tiny, "hard")
+    batch = sample_batch(task)
+    threshold = 1e9 if quantile is None else split_threshold(model, batch, quantile)
+    out = model.decoder.decode(encode(model, batch), 12, threshold)
+    # the training pass runs every layer, copying frozen states upward
+    model.decoder.exit_threshold = threshold
+    logits = model.decoder(batch["net_input"]["prev_output_tokens"], encode(model, batch))
+    exit_at, tokens = first_exits(logits, threshold)
+    assert torch.equal(out.exit_layer, exit_at + 1)
+    assert torch.equal(out.tokens, tokens)
+
+
+def test_decoder_is_bidirectional(xsum_tiny):
+    """Changing the token a later position predicts at layer 1 changes an earlier position's top layer."""
+    task, model = tiny_model(xsum_tiny, "soft")
+    batch = sample_batch(task, size=1)
+    enc = encode(model, batch)
+    base = model.decoder.decode(enc, 12)
+    fuse = model.decoder.fuse
+
+    def fuse_with_other_token_at_last_position(tokens, h):
+        tokens = tokens.clone()
+        tokens[-1] = (tokens[-1] + 7) % len(task.target_dictionary)
+        return fuse(tokens, h)
+
+    model.decoder.fuse = fuse_with_other_token_at_last_position
+    changed = model.decoder.decode(enc, 12)
+    assert not torch.allclose(base.scores[:, 0], changed.scores[:, 0])
+
+
+def test_soft_exit_gradients_reach_every_off_ramp_and_w(xsum_tiny):
+    task, model = tiny_model(xsum_tiny, "soft", per_layer=True)
+    model.train()
+    batch = sample_batch(task, split="train")
+    criterion = ElmerLoss(task, label_smoothing=0.0)
+    loss, _, logging = criterion(model, batch)
+    loss.backward()
+    for ramp in model.decoder.off_ramps:
+        assert ramp.weight.grad is not None and ramp.weight.grad.abs().sum() > 0
+    assert model.decoder.soft_exit.weight.grad.abs().sum() > 0
+    assert set(k for k in logging if k.startswith("layer")) == {"layer1-loss", "layer2-loss", "layer3-loss"}
+    # the loss is the mean of the per-layer cross-entropies
+    assert loss.item() == pytest.approx(sum(logging[f"layer{l}-loss"] for l in (1, 2, 3)) / 3, rel=1e-5)
+
+
+def test_hard_exit_training_trains_every_off_ramp(xsum_tiny):
+    task, model = tiny_model(xsum_tiny, "hard", per_layer=True)
+    model.train()
+    batch = sample_batch(task, split="train")
+    criterion = ElmerLoss(task, label_smoothing=0.0)
+    criterion(model, batch)[0].backward()
+    for ramp in model.decoder.off_ramps:
+        assert ramp.weight.grad.abs().sum() > 0
+    assert model.decoder.soft_exit is None
+
+
+@given(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=9), min_size=1, max_size=5))
+def test_cut_at_first_eos(rows):
+    eos, pad = 2, 1
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [3] * (width - len(r)) for r in rows])
+    cut = cut_at_first_eos(tokens, eos, pad)
+    for row, out in zip(tokens.tolist(), cut.tolist()):
+        end = row.index(eos) + 1 if eos in row else len(row)
+        assert out[:end] == row[:end]
+        assert out[end:] == [pad] * (len(row) - end)
+
+
+@pytest.mark.parametrize("mode,quantile", [("soft", None), ("hard", 0.3), ("hard", 0.7)])
+def test_generator_output_equals_model_forward(xsum_tiny, mode, quantile):
+    task, model = tiny_model(xsum_tiny, mode)
+    batch = sample_batch(task)
+    delta = 0.5 if quantile is None else split_threshold(model, batch, quantile)
+    hypos = ElmerGenerator(task.target_dictionary, 12, delta).generate([model], batch)
+    model.decoder.exit_threshold = delta
+    logits = model.decoder(batch["net_input"]["prev_output_tokens"], encode(model, batch))
+    tokens = logits[-1].argmax(-1) if mode == "soft" else first_exits(logits, delta)[1]
+    d = task.target_dictionary
+    expected = cut_at_first_eos(tokens, d.eos(), d.pad())
+    for i, hypo in enumerate(hypos):
+        assert torch.equal(hypo[0]["tokens"], expected[i][expected[i].ne(d.pad())])
+        assert hypo[0]["positional_scores"].le(0).all()
+
+
+def test_off_ramp_reference_contract():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 8), torch.randn(33, 8)
+    state = torch.randn(10, 8)
+    index = torch.tensor([1, 4, 7])
+    out = off_ramp_reference(hidden, weight, 1.0, index, state)
+    p = torch.softmax(hidden[index] @ weight.t(), -1)
+    assert torch.equal(out.token, p.argmax(-1))
+    assert torch.allclose(out.prob, p.max(-1).values)
+    assert torch.allclose(out.entropy, -(p * p.log()).sum(-1), atol=1e-5)
+    assert torch.equal(out.exit, out.entropy < 1.0)
+    expected = state.clone()
+    expected[index] = hidden[index]
+    assert torch.equal(out.state, expected)
+    assert off_ramp_reference(hidden, weight, math.inf).exit.all()
+    assert not off_ramp_reference(hidden, weight, 0.0).exit.any()
