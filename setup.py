@@ -11,8 +11,10 @@ setup(
     name="elmer-fairseq",
     version="0.1.0",
     description="ELMER: non-autoregressive pretrained text generation with early exit, for fairseq",
-    packages=find_packages(include=["elmer_fairseq", "elmer_fairseq.*"]),
-    package_data={"elmer_fairseq": ["csrc/*"]},
+    # csrc/ ships as elmer_fairseq/csrc, where the JIT loader looks when not run from a checkout
+    packages=find_packages(include=["elmer_fairseq", "elmer_fairseq.*"]) + ["elmer_fairseq.csrc"],
+    package_dir={"elmer_fairseq.csrc": "csrc"},
+    package_data={"elmer_fairseq.csrc": ["*.cpp", "*.cu", "*.h"]},
     python_requires=">=3.8",
     install_requires=["torch>=2.0", "rouge-score", "sacrebleu"] + fairseq_req,
 )

@@ -16,8 +16,8 @@
 #include <tuple>
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "off_ramp_kernel.h"
 #endif
@@ -179,7 +179,10 @@ void off_ramp_cuda(const Tensor& rows, const Tensor& weight, float threshold, in
   const int64_t n = rows.size(0), v = weight.size(0);
   const int64_t c_max = chunk_columns(chunk, n, v, rows.element_size(), true);
   // Split each chunk's columns over several warps per row when N alone cannot fill the GPU.
-  const int64_t warps = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 48;
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, rows.get_device()),
+             "cudaDeviceGetAttribute");
+  const int64_t warps = static_cast<int64_t>(sms) * 48;
   const int splits = static_cast<int>(
       std::clamp<int64_t>((warps + n - 1) / n, 1, std::max<int64_t>(1, c_max / 1024)));
   auto f32 = rows.options().dtype(at::kFloat);
@@ -188,7 +191,7 @@ void off_ramp_cuda(const Tensor& rows, const Tensor& weight, float threshold, in
   OffRampPartial p{ws.data_ptr<float>(), ws.data_ptr<float>() + splits * n,
                    ws.data_ptr<float>() + 2 * splits * n, ws_idx.data_ptr<int32_t>()};
   auto buf = at::empty({n * c_max}, rows.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (int64_t v0 = 0; v0 < v; v0 += c_max) {
     const int64_t c = std::min(c_max, v - v0);
     auto logits = buf.narrow(0, 0, n * c).view({n, c});
@@ -259,7 +262,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ELMER fused off-ramp: chunked online softmax / argmax / entropy + masked state copy";
   m.def("off_ramp", &off_ramp, "See elmer_fairseq.ops.off_ramp.off_ramp_reference.",
         py::arg("hidden"), py::arg("weight"), py::arg("threshold"), py::arg("index") = py::none(),
-        py::arg("state") = py::none(), py::arg("chunk") = 0);
+        py::arg("state") = py::none(), py::arg("chunk") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("chunk_columns", &chunk_columns, "Columns per vocabulary chunk (chunk <= 0: automatic).",
         py::arg("chunk"), py::arg("n"), py::arg("v"), py::arg("elem"), py::arg("cuda"));
 #ifdef WITH_CUDA

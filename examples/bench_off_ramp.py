@@ -4,7 +4,7 @@ GPU: eager reference, torch.compile of the reference, the extension (CUDA kernel
 matmul `rows @ weight.T` (the floor): median time over CUDA-event-timed calls after a warm-up, and
 peak memory above the inputs (torch.cuda.max_memory_allocated).
 CPU: eager reference, the extension (C++ path) and the matmul; time by wall clock, peak memory as
-the growth of the peak RSS of a fresh process doing one call (--cpu-memory; rough).
+the growth of the process's RSS during one call, sampled by a thread (rough).
 
 Each call is the decoding hot path: N active rows (`index`, a random subset of M = 5N/4 rows), a
 state to update, d = 768, V = 50265 (BART's vocabulary).
@@ -13,13 +13,11 @@ state to update, d = 768, V = 50265 (BART's vocabulary).
     python examples/bench_off_ramp.py --device cpu --sizes 32,128,512
 """
 import argparse
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -98,27 +96,24 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
-def peak_cpu(args, name, n, dtype):
-    """Peak RSS growth of one call, in a fresh process (ru_maxrss cannot be reset)."""
-    cmd = [sys.executable, __file__, "--device", "cpu", "--_one", name, "--sizes", str(n),
-           "--dtypes", dtype, "--d", str(args.d), "--vocab", str(args.vocab),
-           "--chunks", ",".join(map(str, args.chunks)) or "none"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return float("nan")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+def peak_cpu(fn):
+    """Peak RSS growth during one call, sampled by a thread (rough: misses spikes under ~1 ms)."""
+    base, peak, done = rss_mib(), [0.0], threading.Event()
 
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.0002)
 
-def one_cpu_call(args):
-    n, dtype = args.sizes[0], DTYPES[args.dtypes[0]]
-    tensors = inputs(n, args.d, args.vocab, dtype, "cpu")
-    fn = methods(args, *tensors, None)[args._one]
-    fn()  # builds / loads, fills caches
-    base = rss_mib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": max(0.0, peak - max(base, 0.0)) if peak > peak_before else 0.0}))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        sampler.join()
+    del out
+    return max(peak[0], rss_mib()) - base
 
 
 def hardware(device):
@@ -147,9 +142,7 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="timed calls (default: GPU 20, CPU 3)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default on GPU only)")
     parser.add_argument("--chunks", default="", help="extra columns: the extension at these chunk sizes")
-    parser.add_argument("--cpu-memory", action="store_true", help="measure CPU peak RSS (a process per cell)")
     parser.add_argument("--out", default=None, help="also write the markdown here")
-    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.sizes = [int(s) for s in (args.sizes or ("128,4096,32768" if gpu else "32,128,512")).split(",")]
@@ -157,8 +150,6 @@ def main():
     args.chunks = [int(c) for c in args.chunks.split(",") if c and c != "none"]
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     args.reps = args.reps if args.reps is not None else (20 if gpu else 3)
-    if args._one:
-        return one_cpu_call(args)
 
     torch.manual_seed(0)
     compiled = None
@@ -169,7 +160,7 @@ def main():
             f"d = {args.d}, V = {args.vocab}, N active rows of M = 5N/4 (index + state), threshold {args.threshold}. "
             f"Time: median of {args.reps} calls after {args.warmup} warm-up "
             + ("(CUDA events)" if gpu else "(wall clock)") + "; memory: peak above the inputs"
-            + (" (torch.cuda.max_memory_allocated)." if gpu else (" (peak RSS growth of a fresh process, rough)." if args.cpu_memory else " (not measured on CPU; --cpu-memory)."))
+            + (" (torch.cuda.max_memory_allocated)." if gpu else " (RSS growth sampled every ~0.2 ms during one call: rough).")
             , ""]
     print("\n".join(head), flush=True)
     rows_md, names = [], None
@@ -189,12 +180,12 @@ def main():
                         if first > 5:
                             print(f"  ({dname} N={n} {name}: first call {first:.0f} s)", flush=True)
                         ms[name] = time_cuda(fn, args.warmup, args.reps)
-                        mem[name] = peak_cuda(fn)
+                        mem[name] = f"{peak_cuda(fn):.0f}"
                     else:
                         ms[name] = time_cpu(fn, args.warmup, args.reps)
-                        mem[name] = peak_cpu(args, name, n, dname) if args.cpu_memory else float("nan")
+                        mem[name] = f"{peak_cpu(fn):.0f}"
                 except torch.cuda.OutOfMemoryError:
-                    ms[name] = mem[name] = float("nan")
+                    ms[name], mem[name] = float("nan"), "OOM"
                 if gpu:
                     torch.cuda.empty_cache()
             ext, ref = fns["ext"](), fns["eager"]()
@@ -202,7 +193,7 @@ def main():
             chunk = _ext.load_extension(args.device if gpu else "cpu").chunk_columns(0, n, args.vocab, tensors[0].element_size(), gpu)
             cells = [dname, str(n), str(chunk)] + [f"{ms[k]:.3f}" for k in names] + [
                 f"{ms['eager'] / ms['ext']:.1f}x", f"{ms['ext'] / ms['matmul']:.2f}x"
-            ] + [f"{mem[k]:.0f}" for k in names] + [f"{agree:.2f}"]
+            ] + [mem[k] for k in names] + [f"{agree:.2f}"]
             rows_md.append("| " + " | ".join(cells) + " |")
             print(rows_md[-1], flush=True)
             del tensors, fns, ext, ref
