@@ -1,14 +1,10 @@
 """One-pass NAR generation for `fairseq-generate --task elmer_translation --iter-decode-max-iter 0`."""
 import atexit
-import logging
 import math
-import weakref
 from typing import Dict, List
 
 import torch
 from torch import Tensor
-
-logger = logging.getLogger(__name__)
 
 
 def cut_at_first_eos(tokens: Tensor, eos: int, pad: int) -> Tensor:
@@ -50,13 +46,12 @@ class ElmerGenerator:
         self.exit_threshold = exit_threshold
         self.stats = None
         # fairseq-generate has no end-of-run hook for generators: report when the process ends,
-        # through a weak reference so that a generator dropped earlier reports nothing
-        this = weakref.ref(self)
-        atexit.register(lambda: this() is not None and this().log_summary())
+        # on stdout beside fairseq-generate's own closing lines
+        atexit.register(self.print_summary)
 
-    def log_summary(self):
+    def print_summary(self):
         if self.stats is not None:
-            logger.info(self.stats.summary())
+            print(self.stats.summary(), flush=True)
 
     @torch.no_grad()
     def generate(self, models, sample: Dict, prefix_tokens=None, constraints=None, **unused) -> List[List[Dict]]:

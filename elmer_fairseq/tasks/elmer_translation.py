@@ -112,13 +112,14 @@ class ElmerTranslationTask(TranslationTask):
             raise FileNotFoundError(f"no binarized {split} split: {', '.join(p + '.bin/.idx' for p in missing)} "
                                     f"missing (fairseq-preprocess --source-lang {self.cfg.source_lang} "
                                     f"--target-lang {self.cfg.target_lang} ...)")
+        empty = [p for p in paths if os.path.getsize(p + ".bin") == 0]
+        if empty:  # fairseq cannot even open an empty binarized file
+            raise ValueError(f"{split}: {empty[0]}.bin holds no examples (was the raw file empty?)")
         src = data_utils.load_indexed_dataset(paths[0], self.src_dict, self.cfg.dataset_impl)
         tgt = data_utils.load_indexed_dataset(paths[1], self.tgt_dict, self.cfg.dataset_impl)
         if len(src) != len(tgt):
             raise ValueError(f"{split}: {len(src)} source lines ({paths[0]}) but {len(tgt)} target "
                              f"lines ({paths[1]}); the raw files must have one pair per line")
-        if len(src) == 0:
-            raise ValueError(f"{split}: {paths[0]} holds no examples")
         self.check_lengths(split, src.sizes, tgt.sizes)
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         self.datasets[split] = ElmerBatches(self.datasets[split], self.tgt_dict.index(MASK_SYMBOL),
