@@ -4,6 +4,8 @@ The model returns one nat_loss term per off-ramp (soft and hard exit: every laye
 LPLM: each token at its sampled exit layer), so fairseq's generic NAT criterion sums them; this
 criterion only adds what ELMER batches need.
 """
+import functools
+
 from fairseq.criterions import register_criterion
 from fairseq.criterions.nat_loss import (
     LabelSmoothedDualImitationCriterion,
@@ -14,7 +16,9 @@ from fairseq.criterions.nat_loss import (
 @register_criterion("elmer_loss", dataclass=LabelSmoothedDualImitationCriterionConfig)
 class ElmerLoss(LabelSmoothedDualImitationCriterion):
     def forward(self, model, sample, reduce=True):
-        # nat_loss reads the decoder input from "prev_target"; ELMER's is the [MASK] row its
-        # task collates (and the LPLM task may add sampled exit layers)
+        # nat_loss reads the decoder input from "prev_target" (ELMER's is the [MASK] row its
+        # tasks collate) and calls the model with four arguments: the LPLM task's sampled
+        # exit layers ride along bound to the model
         sample["prev_target"] = sample["net_input"]["prev_output_tokens"]
-        return super().forward(model, sample, reduce)
+        exit_layers = sample["net_input"].get("exit_layers")
+        return super().forward(functools.partial(model, exit_layers=exit_layers), sample, reduce)

@@ -1,1 +1,1 @@
-from . import elmer_translation  # noqa: F401
+from . import elmer_lplm, elmer_translation  # noqa: F401

@@ -55,10 +55,15 @@ def resolve_exit_options(mode: Optional[str], threshold: Optional[float]):
 
 
 class ElmerBatches(BaseWrapperDataset):
-    """Collates pairs for the NAR decoder: T [MASK] inputs, targets y + EOS cut or padded to T."""
+    """Collates pairs for the NAR decoder: one [MASK] input per position, targets y + EOS.
 
-    def __init__(self, dataset, mask_idx: int, length: int):
+    With `length` T, targets are cut (keeping a final EOS) or padded to exactly T positions, as
+    at inference; with None, T is the batch's longest target (pretraining reconstructs it all).
+    """
+
+    def __init__(self, dataset, dictionary, mask_idx: int, length: Optional[int]):
         super().__init__(dataset)
+        self.pad, self.eos = dictionary.pad(), dictionary.eos()
         self.mask_idx, self.length = mask_idx, length
 
     def collater(self, samples):
@@ -66,21 +71,34 @@ class ElmerBatches(BaseWrapperDataset):
         if not batch or batch.get("target") is None:
             return batch
         target = batch["target"]
-        pad, eos = self.dataset.tgt_dict.pad(), self.dataset.tgt_dict.eos()
-        if target.size(1) > self.length:
-            target = target[:, : self.length].clone()
-            cut = target[:, -1].ne(pad) & target[:, -1].ne(eos)
-            target[cut, -1] = eos
-        batch["target"] = torch.nn.functional.pad(target, (0, self.length - target.size(1)), value=pad)
-        batch["net_input"]["prev_output_tokens"] = target.new_full(
-            (target.size(0), self.length), self.mask_idx
-        )
-        batch["ntokens"] = int(batch["target"].ne(pad).sum())
+        if self.length is not None:
+            if target.size(1) > self.length:
+                target = target[:, : self.length].clone()
+                cut = target[:, -1].ne(self.pad) & target[:, -1].ne(self.eos)
+                target[cut, -1] = self.eos
+            target = torch.nn.functional.pad(target, (0, self.length - target.size(1)), value=self.pad)
+        batch["target"] = target
+        batch["net_input"]["prev_output_tokens"] = torch.full_like(target, self.mask_idx)
+        batch["ntokens"] = int(target.ne(self.pad).sum())
         return batch
 
 
+class EverySampleEvaluated:
+    """Task mixin: validation and generation batches keep every sample.
+
+    fairseq's batch_by_size drops the samples of a split that do not fill a whole multiple of
+    --required-batch-size-multiple (default 8): fairseq-generate would silently skip them and a
+    small validation split would come out empty.
+    """
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        if dataset is not self.datasets.get(self.cfg.train_subset):
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
+
 @register_task("elmer_translation", dataclass=ElmerTranslationConfig)
-class ElmerTranslationTask(TranslationTask):
+class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     """Sequence-to-sequence fine-tuning of ELMER (summarization, question generation, dialogue)."""
 
     cfg: ElmerTranslationConfig
@@ -122,8 +140,8 @@ class ElmerTranslationTask(TranslationTask):
                              f"lines ({paths[1]}); the raw files must have one pair per line")
         self.check_lengths(split, src.sizes, tgt.sizes)
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        self.datasets[split] = ElmerBatches(self.datasets[split], self.tgt_dict.index(MASK_SYMBOL),
-                                            self.cfg.max_target_length)
+        self.datasets[split] = ElmerBatches(self.datasets[split], self.tgt_dict,
+                                            self.tgt_dict.index(MASK_SYMBOL), self.cfg.max_target_length)
 
     def check_lengths(self, split, src_sizes, tgt_sizes):
         long_src = int((src_sizes > self.cfg.max_source_positions).sum())
@@ -139,13 +157,6 @@ class ElmerTranslationTask(TranslationTask):
             logger.warning(f"{split}: {long_tgt} of {len(tgt_sizes)} targets are longer than "
                            f"--max-target-length {self.cfg.max_target_length} (EOS included); the "
                            f"model learns them cut to that length")
-
-    def get_batch_iterator(self, dataset, *args, **kwargs):
-        if dataset is not self.datasets.get(self.cfg.train_subset):
-            # fairseq-generate drops the last samples of a split that does not fill whole
-            # multiples of --required-batch-size-multiple; evaluation must see every sample
-            kwargs["required_batch_size_multiple"] = 1
-        return super().get_batch_iterator(dataset, *args, **kwargs)
 
     def max_positions(self):
         # targets never limit batching: they are cut to --max-target-length
