@@ -112,33 +112,37 @@ struct Vec16 {
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
-    reduce_chunk_kernel(const T* __restrict__ logits, int64_t n, int64_t c, int32_t v0,
-                        int64_t segment, bool first, OffRampPartial p) {
+    reduce_chunk_kernel(const T* __restrict__ logits, int64_t n, int64_t c, int64_t ld,
+                        int32_t v0, int64_t segment, bool first, OffRampPartial p) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (row >= n) return;  // whole warps leave together
   const int64_t begin = blockIdx.y * segment;
   const int64_t end = min(c, begin + segment);
-  const T* x = logits + row * c;
+  const T* x = logits + row * ld;
   Acc a = acc_empty();
+  int64_t tail = begin;
   if (kVec) {
     constexpr int K = Vec16<T>::K;
     constexpr int U = 2;  // loads in flight per lane before the first use
-    for (int64_t j0 = begin + lane * K; j0 < end; j0 += U * kWarp * K) {
+    const int64_t vec_end = begin + (end - begin) / K * K;
+    for (int64_t j0 = begin + lane * K; j0 < vec_end; j0 += U * kWarp * K) {
       float v[U][K];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t j = j0 + u * kWarp * K;
-        if (j < end) Vec16<T>::load(x + j, v[u]);
+        if (j < vec_end) Vec16<T>::load(x + j, v[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t j = j0 + u * kWarp * K;
-        if (j < end) acc_consume<K>(a, v[u], v0 + static_cast<int32_t>(j));
+        if (j < vec_end) acc_consume<K>(a, v[u], v0 + static_cast<int32_t>(j));
       }
     }
-  } else {
-    for (int64_t j = begin + lane; j < end; j += kWarp) {
+    tail = vec_end;  // fewer than K columns left, at the end of the chunk
+  }
+  {
+    for (int64_t j = tail + lane; j < end; j += kWarp) {
       const float v[1] = {to_float<T>(x[j])};
       acc_consume<1>(a, v, v0 + static_cast<int32_t>(j));
     }
@@ -184,20 +188,19 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 }
 
 template <typename T>
-cudaError_t launch_reduce(const void* logits, int64_t n, int64_t c, int64_t v0, int splits,
-                          bool first, OffRampPartial p, cudaStream_t stream) {
+cudaError_t launch_reduce(const void* logits, int64_t n, int64_t c, int64_t ld, int64_t v0,
+                          int splits, bool first, OffRampPartial p, cudaStream_t stream) {
   int64_t segment = (c + splits - 1) / splits;
   segment = (segment + kSegmentAlign - 1) / kSegmentAlign * kSegmentAlign;
   const dim3 grid(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock), splits);
   const dim3 block(kWarp * kWarpsPerBlock);
   const T* x = static_cast<const T*>(logits);
-  const bool vec = c % Vec16<T>::K == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  const bool vec = ld % Vec16<T>::K == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  const int32_t col0 = static_cast<int32_t>(v0);
   if (vec) {
-    reduce_chunk_kernel<T, true><<<grid, block, 0, stream>>>(x, n, c, static_cast<int32_t>(v0),
-                                                            segment, first, p);
+    reduce_chunk_kernel<T, true><<<grid, block, 0, stream>>>(x, n, c, ld, col0, segment, first, p);
   } else {
-    reduce_chunk_kernel<T, false><<<grid, block, 0, stream>>>(x, n, c, static_cast<int32_t>(v0),
-                                                             segment, first, p);
+    reduce_chunk_kernel<T, false><<<grid, block, 0, stream>>>(x, n, c, ld, col0, segment, first, p);
   }
   return cudaGetLastError();
 }
@@ -221,17 +224,17 @@ bool aligned(const void* ptr, int64_t bytes, int64_t a) {
 }  // namespace
 
 cudaError_t off_ramp_reduce_chunk(const void* logits, OffRampDtype dtype, int64_t n, int64_t c,
-                                  int64_t v0, int splits, bool first, OffRampPartial partial,
-                                  cudaStream_t stream) {
+                                  int64_t ld, int64_t v0, int splits, bool first,
+                                  OffRampPartial partial, cudaStream_t stream) {
   if (n <= 0 || c <= 0) return cudaSuccess;
-  if (splits < 1 || splits > 65535 || v0 + c > INT_MAX) return cudaErrorInvalidValue;
+  if (splits < 1 || splits > 65535 || v0 + c > INT_MAX || ld < c) return cudaErrorInvalidValue;
   switch (dtype) {
     case kOffRampF32:
-      return launch_reduce<float>(logits, n, c, v0, splits, first, partial, stream);
+      return launch_reduce<float>(logits, n, c, ld, v0, splits, first, partial, stream);
     case kOffRampBF16:
-      return launch_reduce<__nv_bfloat16>(logits, n, c, v0, splits, first, partial, stream);
+      return launch_reduce<__nv_bfloat16>(logits, n, c, ld, v0, splits, first, partial, stream);
     case kOffRampF16:
-      return launch_reduce<__half>(logits, n, c, v0, splits, first, partial, stream);
+      return launch_reduce<__half>(logits, n, c, ld, v0, splits, first, partial, stream);
   }
   return cudaErrorInvalidValue;
 }

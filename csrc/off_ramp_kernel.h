@@ -18,11 +18,12 @@ struct OffRampPartial {
   int32_t* idx;
 };
 
-// Folds one logits chunk [n, c] (row-major, columns v0 .. v0 + c - 1 of the vocabulary) into the
-// partial state. Column segment k of every row goes to slot k; `first` starts the slots afresh.
+// Folds one logits chunk [n, c] (row-major with row stride ld >= c, columns v0 .. v0 + c - 1 of
+// the vocabulary) into the partial state. Column segment k of every row goes to slot k; `first`
+// starts the slots afresh.
 cudaError_t off_ramp_reduce_chunk(const void* logits, OffRampDtype dtype, int64_t n, int64_t c,
-                                  int64_t v0, int splits, bool first, OffRampPartial partial,
-                                  cudaStream_t stream);
+                                  int64_t ld, int64_t v0, int splits, bool first,
+                                  OffRampPartial partial, cudaStream_t stream);
 
 // Merges the slots and writes token [n] int64, prob / entropy [n] float, exit [n] bool
 // (entropy < threshold). If out_state is not null, also copies row i of `rows` ([n] rows of
