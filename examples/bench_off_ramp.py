@@ -14,8 +14,7 @@ state to update, d = 768, V = 50265 (BART's vocabulary).
 
     python examples/bench_off_ramp.py --device cuda --out results/bench_off_ramp_gpu.md
     python examples/bench_off_ramp.py --device cpu --sizes 32,128,512
-    # extra columns: the extension at given chunk sizes, with (o) or without (n) the 2-stream overlap
-    python examples/bench_off_ramp.py --chunks 4096n,8192n,8192o
+    python examples/bench_off_ramp.py --chunks 4096,8192  # + the extension at these chunk sizes
 """
 import argparse
 import os
@@ -58,9 +57,20 @@ def methods(args, hidden, weight, index, state, compiled):
         "matmul": lambda: rows @ weight.t(),
         "matmul V%8": lambda: rows @ padded.t(),
     }
-    for spec in args.chunks:
-        c, overlap = int(spec.rstrip("on")), {"o": 1, "n": 0}.get(spec[-1], -1)
-        found[f"ext C={spec}"] = lambda c=c, o=overlap: ext.off_ramp(hidden, weight, thr, index, state, c, o)
+    # the matmuls of the extension's chunks alone: ext - this = the fused reduction's cost
+    c_auto = ext.chunk_columns(0, rows.shape[0], v, rows.element_size(), rows.is_cuda)
+    buf = torch.empty(rows.shape[0] * ((c_auto + 7) // 8 * 8), dtype=rows.dtype, device=rows.device)
+
+    def chunk_mm():
+        for v0 in range(0, v, c_auto):
+            c = min(c_auto, v - v0)
+            ld = (c + 7) // 8 * 8 if rows.is_cuda else c
+            torch.mm(rows, weight[v0 : v0 + c].t(), out=buf[: rows.shape[0] * ld].view(-1, ld)[:, :c])
+        return buf
+
+    found["chunk mm"] = chunk_mm
+    for c in args.chunks:
+        found[f"ext C={c}"] = lambda c=c: _ext.unwrap(ext.off_ramp(hidden, weight, thr, index, state, c))
     return {k: f for k, f in found.items() if f is not None}
 
 
@@ -172,14 +182,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=None, help="calls before timing (default: GPU 5, CPU 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls (default: GPU 20, CPU 3)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default on GPU only)")
-    parser.add_argument("--chunks", default="", help="extra columns: the extension at these chunk sizes, "
-                        "each optionally suffixed o (2-stream overlap) or n (none), e.g. 8192n,8192o")
+    parser.add_argument("--chunks", default="", help="extra columns: the extension at these chunk sizes")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.sizes = [int(s) for s in (args.sizes or ("128,4096,32768" if gpu else "32,128,512")).split(",")]
     args.dtypes = args.dtypes.split(",")
-    args.chunks = [c for c in args.chunks.split(",") if c]
+    args.chunks = [int(c) for c in args.chunks.split(",") if c]
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     args.reps = args.reps if args.reps is not None else (20 if gpu else 3)
 
@@ -193,7 +202,8 @@ def main():
             f"Time: median of {args.reps} calls after {args.warmup} warm-up "
             + ("(CUDA events)" if gpu else "(wall clock)") + "; memory: peak above the inputs"
             + (" (torch.cuda.max_memory_allocated)." if gpu else " (RSS growth sampled every ~0.2 ms during one call: rough).")
-            + ' "auto C": the chunk the extension picks.'
+            + ' "auto C": the chunk the extension picks; "chunk mm": its chunks\' matmuls alone'
+            + " (ext - chunk mm = the fused reduction)."
             , ""]
     print("\n".join(head), flush=True)
     rows_md, names = [], None

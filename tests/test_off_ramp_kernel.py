@@ -39,10 +39,9 @@ def ext_for(device):
     return _ext.load_extension("cuda" if str(device).startswith("cuda") else "cpu")
 
 
-def extension(device, hidden, weight, threshold, index=None, state=None, chunk=0, overlap=-1):
-    # overlap (CUDA): -1 automatic, 0 one stream, 1 matmul and reduction on two streams
-    ext = ext_for(device)
-    return _ext.OffRampOutput(*ext.off_ramp(hidden, weight, threshold, index, state, chunk, overlap))
+def extension(device, hidden, weight, threshold, index=None, state=None, chunk=0):
+    out = ext_for(device).off_ramp(hidden, weight, threshold, index, state, chunk)
+    return _ext.OffRampOutput(*_ext.unwrap(out))
 
 
 def make(m, d, v, dtype, device, seed=0, scale=3.0):
@@ -70,7 +69,7 @@ def check(out, hidden, weight, threshold, index=None, state=None, chunk=0):
     assert out.token.device == hidden.device
 
     # (1) the reduction, on exactly the logits it reduced
-    token, prob, entropy = oracle(ext_for(hidden.device).chunk_logits(hidden, weight, index, chunk))
+    token, prob, entropy = oracle(_ext.unwrap(ext_for(hidden.device).chunk_logits(hidden, weight, index, chunk)))
     assert torch.equal(out.token, token)
     torch.testing.assert_close(out.prob, prob.float(), **REDUCTION)
     torch.testing.assert_close(out.entropy, entropy.float(), **REDUCTION)
@@ -207,8 +206,9 @@ def test_argument_errors(device):
         extension(device, hidden, weight, 1.0, None, hidden[:2])
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         extension(device, hidden.double(), weight.double(), 1.0)
-    with pytest.raises((RuntimeError, IndexError)):
-        extension(device, hidden, weight, 1.0, torch.tensor([4], device=device)).token.tolist()
+    if device == "cpu":  # on CUDA, index_select's bounds check is a device assert: fatal to the context
+        with pytest.raises(RuntimeError, match="out of range"):
+            extension(device, hidden, weight, 1.0, torch.tensor([4]))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -216,14 +216,13 @@ def test_argument_errors(device):
     m=st.integers(0, 40), d=st.integers(1, 40), v=st.integers(1, 300), chunk=st.integers(0, 320),
     dtype=st.sampled_from(DTYPES), use_index=st.booleans(), use_state=st.booleans(),
     threshold=st.sampled_from([0.0, 0.5, 2.0, math.inf]), seed=st.integers(0, 2**16),
-    overlap=st.sampled_from([-1, 0, 1]),
 )
-def test_fuzz(m, d, v, chunk, dtype, use_index, use_state, threshold, seed, overlap):
+def test_fuzz(m, d, v, chunk, dtype, use_index, use_state, threshold, seed):
     for device in ["cpu"] + (["cuda"] if HAS_CUDA else []):
         hidden, weight = make(m, d, v, dtype, device, seed=seed)
         index = subset(m, (seed % (m + 1)), device, seed) if use_index else None
         state = torch.randn(m, d).to(device, dtype) if use_state else None
-        out = extension(device, hidden, weight, threshold, index, state, chunk, overlap)
+        out = extension(device, hidden, weight, threshold, index, state, chunk)
         check(out, hidden, weight, threshold, index, state, chunk)
 
 

@@ -168,6 +168,14 @@ def load_extension(kind: str, strict: bool = True):
     return None
 
 
+def unwrap(result):
+    """The extension returns (error message or None, value) rather than throwing (see csrc)."""
+    error, value = result
+    if error is not None:
+        raise RuntimeError(error)
+    return value
+
+
 def off_ramp(
     hidden: Tensor,
     weight: Tensor,
@@ -193,4 +201,4 @@ def off_ramp(
     ext = load_extension(kind, strict=mode != "auto")
     if ext is None:
         return off_ramp_reference(hidden, weight, threshold, index, state)
-    return OffRampOutput(*ext.off_ramp(hidden, weight, float(threshold), index, state, _chunk()))
+    return OffRampOutput(*unwrap(ext.off_ramp(hidden, weight, float(threshold), index, state, _chunk())))
