@@ -176,6 +176,26 @@ def unwrap(result):
     return value
 
 
+def _check(hidden, weight, index, state):
+    # Checked here as well as in C++: on the H100 machine a C++ exception thrown inside the
+    # extension killed the test process (SIGSEGV), so ordinary misuse must never reach one.
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or not len(weight):
+        raise ValueError(f"off_ramp: need hidden [M, d] and weight [V >= 1, d]; got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("state", state)):
+        if t is not None and (t.dtype != hidden.dtype or t.device != hidden.device):
+            raise ValueError(f"off_ramp: {name} is {t.dtype} on {t.device}, hidden {hidden.dtype} on {hidden.device}")
+    if state is not None and state.shape != hidden.shape:
+        raise ValueError(f"off_ramp: state must have hidden's shape {tuple(hidden.shape)}, got {tuple(state.shape)}")
+    if index is not None:
+        if index.dim() != 1 or index.dtype != torch.int64 or index.device != hidden.device:
+            raise ValueError(f"off_ramp: index must be [N] int64 on {hidden.device}; got {tuple(index.shape)} "
+                             f"{index.dtype} on {index.device}")
+        # (on CUDA, bounds are checked by a device assert, as in the reference: no host sync)
+        if not index.is_cuda and len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(hidden):
+            raise IndexError(f"off_ramp: index out of range for {len(hidden)} rows")
+
+
 def off_ramp(
     hidden: Tensor,
     weight: Tensor,
@@ -198,6 +218,7 @@ def off_ramp(
             return off_ramp_reference(hidden, weight, threshold, index, state)
     elif kind != {"cpp": "cpu", "cuda": "cuda"}[mode]:
         raise ValueError(f"ELMER_OFF_RAMP={mode} but the off-ramp inputs are on {hidden.device}")
+    _check(hidden, weight, index, state)
     ext = load_extension(kind, strict=mode != "auto")
     if ext is None:
         return off_ramp_reference(hidden, weight, threshold, index, state)
