@@ -39,15 +39,16 @@ class ExitStats:
 class ElmerGenerator:
     """Encoder once, decoder once; the output ends at the first predicted EOS. No gold length."""
 
-    def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float):
+    def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True):
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()  # fairseq-generate strips it from the printed hypotheses
         self.length = max_target_length
         self.exit_threshold = exit_threshold
         self.stats = None
-        # fairseq-generate has no end-of-run hook for generators: report when the process ends,
-        # on stdout beside fairseq-generate's own closing lines
-        atexit.register(self.print_summary)
+        if summary:
+            # fairseq-generate has no end-of-run hook for generators: report when the process
+            # ends, on stdout beside fairseq-generate's own closing lines
+            atexit.register(self.print_summary)
 
     def print_summary(self):
         if self.stats is not None:

