@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""LPLM training step cost against k, the number of exit-layer permutations per document.
+
+Times one training step (forward + backward of task elmer_lplm's train_step: the encoder once,
+the decoder on k permutations) on random tokens, for each k, and prints a markdown table: median
+step time over --steps steps after --warmup, its ratio to the first k, and peak memory. The goal
+(issue 4): k = 10 costs at most 4x k = 1, because the encoder is shared.
+
+    python examples/bench_lplm.py                                  # elmer_base, V=50265, T=256, B=1
+    python examples/bench_lplm.py --length 128 --device cpu        # what fits a small CPU
+
+On CUDA the time comes from CUDA events and memory from torch.cuda.max_memory_allocated (reset
+before each k). On CPU the time is wall time and memory is the process's peak RSS so far
+(getrusage: ks run in increasing order, so each row's peak is its own unless a smaller k peaked
+higher); it includes the model and Python, not only the step.
+"""
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import elmer_fairseq  # noqa: E402,F401  (registers the task, model and criterion)
+from fairseq import options, tasks  # noqa: E402
+
+
+class Backward:
+    """The one thing train_step needs from a fairseq optimizer."""
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+def build(args, folder: Path):
+    """Task, model and criterion through fairseq's registries, over a dictionary of --vocab symbols."""
+    n_symbols = args.vocab - 5  # + <s> <pad> </s> <unk> and the task's <mask>
+    (folder / "dict.txt").write_text("".join(f"{i} 1\n" for i in range(n_symbols)))
+    argv = [str(folder), "--user-dir", str(ROOT / "elmer_fairseq"), "--task", "elmer_lplm", "--arch", args.arch,
+            "--criterion", "elmer_loss", "--tokens-per-sample", str(args.length), "--lplm-chunk", str(args.chunk)]
+    if args.device == "cpu":
+        argv.append("--cpu")
+    parsed = options.parse_args_and_arch(options.get_training_parser(), argv)
+    task = tasks.setup_task(parsed)
+    model = task.build_model(parsed).to(args.device)
+    return parsed, task, model, task.build_criterion(parsed)
+
+
+def batch(task, args):
+    """B documents of T tokens: <s> ... </s> sources, y + EOS targets, [MASK] decoder inputs."""
+    d, B, T = task.dictionary, args.batch, args.length
+    src = torch.randint(d.nspecial, len(d) - 1, (B, T))
+    src[:, 0], src[:, -1] = d.bos(), d.eos()
+    target = torch.cat([src[:, 1:], torch.full((B, 1), d.pad())], 1)
+    return {
+        "id": torch.arange(B), "nsentences": B, "ntokens": B * (T - 1), "target": target.to(args.device),
+        "net_input": {"src_tokens": src.to(args.device), "src_lengths": torch.full((B,), T, device=args.device),
+                      "prev_output_tokens": torch.full_like(target, task.mask_idx).to(args.device)},
+    }
+
+
+def step_ms(task, model, criterion, sample, cuda: bool) -> float:
+    model.zero_grad(set_to_none=True)
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        task.train_step(sample, model, criterion, Backward, update_num=0)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    task.train_step(sample, model, criterion, Backward, update_num=0)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="elmer_base", help="model architecture (default: elmer_base, d=768, 6+6)")
+    p.add_argument("--vocab", type=int, default=50265, help="vocabulary size V (default: 50265, BART's)")
+    p.add_argument("--length", type=int, default=256, help="T: source and target length (default: 256)")
+    p.add_argument("--batch", type=int, default=1, help="documents per step (default: 1)")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10], help="values of k (default: 1 2 5 10)")
+    p.add_argument("--chunk", type=int, default=0, help="--lplm-chunk (default: 0 = all k at once)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per k (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per k first (default: 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        parsed, task, model, criterion = build(args, Path(folder))
+    n_params = sum(p.numel() for p in model.parameters())
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.arch}: {n_params / 1e6:.1f}M parameters, d={parsed.encoder_embed_dim}, "
+          f"{parsed.encoder_layers}+{parsed.decoder_layers} layers, V={len(task.dictionary)}, T={args.length}, "
+          f"B={args.batch}, lplm-chunk={args.chunk}, fp32, {device}; median of {args.steps} steps after "
+          f"{args.warmup} warm-up\n")
+    memory = "peak memory (torch.cuda.max_memory_allocated)" if cuda else "peak RSS so far (getrusage)"
+    print(f"| k | step ms (fwd+bwd) | x first k | {memory} |\n|---|---|---|---|")
+    first = None
+    for k in sorted(args.ks):
+        task.cfg.lplm_permutations = k
+        sample = batch(task, args)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = [step_ms(task, model, criterion, sample, cuda) for _ in range(args.warmup + args.steps)]
+        ms = statistics.median(times[args.warmup:])
+        first = first or ms
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"| {k} | {ms:.1f} | {ms / first:.2f} | {peak:.2f} GiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
