@@ -62,10 +62,14 @@ SYSTEMS = {
 DELTAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def fairseq_cli(tool):
+    """The command of a fairseq console script, run by this interpreter (works without the scripts on PATH)."""
+    return [sys.executable, "-m", f"fairseq_cli.{tool}"]
+
+
 def fairseq(tool, *argv, log: Path):
-    exe = Path(sys.executable).parent / tool
     with log.open("w") as f:
-        proc = subprocess.run([str(exe), *map(str, argv)], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([*fairseq_cli(tool), *map(str, argv)], stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} failed ({proc.returncode}); see {log}")
 
@@ -86,10 +90,12 @@ def train(name, flags, args, device_flags):
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", str(args.max_tokens),
             "--max-update", str(args.updates), "--save-dir", save, "--no-epoch-checkpoints",
             "--save-interval-updates", "500", "--keep-interval-updates", "1", "--log-format", "simple",
+            # validate and save every 500 updates and at the end, not after every (tiny) epoch
+            "--validate-interval-updates", "500", "--validate-interval", "10000", "--save-interval", "10000",
             "--log-interval", "100", "--seed", "1", "--num-workers", "0", *device_flags]
-    exe = Path(sys.executable).parent / "fairseq-train"
     log = (args.out / "logs" / f"train-{name}.log").open("w")
-    return save / "checkpoint_last.pt", subprocess.Popen([str(exe), *map(str, argv)], stdout=log, stderr=subprocess.STDOUT)
+    return save / "checkpoint_last.pt", subprocess.Popen([*fairseq_cli("train"), *map(str, argv)], stdout=log,
+                                                         stderr=subprocess.STDOUT)
 
 
 def extra_metrics(hyps, refs):
@@ -109,7 +115,7 @@ def extra_metrics(hyps, refs):
 
 def quality(system, ckpt, gen_flags, args, device_flags, refs, log_name):
     log = args.out / "logs" / f"gen-{log_name}.txt"
-    fairseq("fairseq-generate", args.data, "--path", ckpt, *gen_flags, "--gen-subset", "test",
+    fairseq("generate", args.data, "--path", ckpt, *gen_flags, "--gen-subset", "test",
             "--batch-size", "32", "--required-batch-size-multiple", "1", "--bpe", "byte_bpe_ids",
             "--user-dir", HERE.parent / "elmer_fairseq", "--bpe-vocab", args.data.parent / "vocab.json",
             "--bpe-merges", args.data.parent / "merges.txt", *device_flags, log=log)

@@ -223,3 +223,12 @@ def off_ramp(
     if ext is None:
         return off_ramp_reference(hidden, weight, threshold, index, state)
     return OffRampOutput(*unwrap(ext.off_ramp(hidden, weight, float(threshold), index, state, _chunk())))
+
+
+def prepare(device) -> None:
+    """Builds (or loads from the cache) the extension that `off_ramp` will use for tensors on
+    `device`, so that the first decoding step, often inside a timed region, does not pay for it."""
+    mode = _mode()
+    kind = {"cpu": "cpu", "cuda": "cuda"}.get(torch.device(device).type)
+    if mode != "torch" and kind is not None:
+        load_extension(kind, strict=mode != "auto")

@@ -169,6 +169,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
 
     def build_generator(self, models, args, **unused):
         from ..generator import ElmerGenerator
+        from ..ops import prepare as prepare_off_ramp
 
         if getattr(args, "iter_decode_max_iter", 0) != 0:
             raise ValueError("ELMER decodes in one pass: pass --iter-decode-max-iter 0")
@@ -179,6 +180,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
             raise ValueError(f"--exit-mode {self.cfg.exit_mode} does not match the checkpoint, which "
                              f"was fine-tuned with --exit-mode {mode}")
         _, threshold = resolve_exit_options(mode, self.cfg.exit_threshold)
+        prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
         return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, threshold)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
