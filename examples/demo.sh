@@ -3,11 +3,11 @@
 # fairseq-train elmer_tiny with soft and with hard exit -> fairseq-generate --iter-decode-max-iter 0
 # -> ROUGE and ms/sample. Every step is skipped when its output exists (delete data/ or
 # checkpoints/demo-* to redo it); a killed training run resumes from its checkpoint_last.pt.
-# Knobs: UPDATES (per model, default 400), THREADS (default 2), OUT (default results/demo).
+# Knobs: UPDATES (per model, default 300), THREADS (default 2), OUT (default results/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-UPDATES=${UPDATES:-400}
+UPDATES=${UPDATES:-300}
 THREADS=${THREADS:-2}
 OUT=${OUT:-results/demo}
 DATA=data/xsum

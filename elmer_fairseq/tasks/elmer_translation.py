@@ -10,7 +10,9 @@ from fairseq.data import BaseWrapperDataset, data_utils, indexed_dataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from ..generator import ElmerGenerator
 from ..models.elmer import EXIT_MODES, MASK_SYMBOL
+from ..ops import prepare as prepare_off_ramp
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +170,6 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         return super().build_model(cfg, from_checkpoint)
 
     def build_generator(self, models, args, **unused):
-        from ..generator import ElmerGenerator
-        from ..ops import prepare as prepare_off_ramp
-
         if getattr(args, "iter_decode_max_iter", 0) != 0:
             raise ValueError("ELMER decodes in one pass: pass --iter-decode-max-iter 0")
         if getattr(args, "beam", 1) != 1:
