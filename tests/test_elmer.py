@@ -160,7 +160,7 @@ def test_generator_output_equals_model_forward(xsum_tiny, mode, quantile):
     task, model = tiny_model(xsum_tiny, mode)
     batch = sample_batch(task)
     delta = 0.5 if quantile is None else split_threshold(model, batch, quantile)
-    hypos = ElmerGenerator(task.target_dictionary, 12, delta).generate([model], batch)
+    hypos = ElmerGenerator(task.target_dictionary, 12, delta, summary=False).generate([model], batch)
     model.decoder.exit_threshold = delta
     logits = model.decoder(batch["net_input"]["prev_output_tokens"], encode(model, batch))
     tokens = logits[-1].argmax(-1) if mode == "soft" else first_exits(logits, delta)[1]
