@@ -31,7 +31,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_xsum import fetch as fetch_xsum, read_pairs, train_bpe  # noqa: E402
+from prepare_xsum import fetch as fetch_xsum, read_pairs, split_pairs, train_bpe  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)  # stderr
 log = logging.getLogger("prepare_pretrain")
@@ -101,9 +101,7 @@ def corpus(cache: Path, doc_sentences: int, seed: int, valid: int, max_docs):
 
 def xsum_splits(cache: Path, seed: int, valid: int, test: int):
     """XSum pairs split exactly as examples/prepare_xsum.py splits them (same seed, same sizes)."""
-    pairs = read_pairs(fetch_xsum(cache))
-    random.Random(seed).shuffle(pairs)
-    return {"test": pairs[:test], "valid": pairs[test: test + valid], "train": pairs[test + valid:]}
+    return split_pairs(read_pairs(fetch_xsum(cache)), seed, valid, test)
 
 
 def ids(tok, texts):

@@ -58,6 +58,15 @@ def read_pairs(path: Path):
     return pairs
 
 
+def split_pairs(pairs, seed: int, valid: int, test: int, max_train=None):
+    """The fixed split: shuffle with `seed`, then test, valid, and the rest for training."""
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    if len(pairs) <= valid + test:
+        raise SystemExit(f"only {len(pairs)} pairs: fewer than --valid + --test = {valid + test}")
+    return {"test": pairs[:test], "valid": pairs[test: test + valid], "train": pairs[test + valid:][:max_train]}
+
+
 def train_bpe(texts, vocab_size: int, out: Path):
     from tokenizers import ByteLevelBPETokenizer
 
@@ -85,12 +94,7 @@ def main():
     if (bin_dir / "test.src-tgt.tgt.idx").exists():
         log.info(f"{bin_dir} is ready; delete it to rebuild")
         return
-    pairs = read_pairs(fetch(args.out / "cache"))
-    random.Random(args.seed).shuffle(pairs)
-    n_eval = args.valid + args.test
-    if len(pairs) <= n_eval:
-        raise SystemExit(f"only {len(pairs)} pairs: fewer than --valid + --test = {n_eval}")
-    splits = {"test": pairs[: args.test], "valid": pairs[args.test: n_eval], "train": pairs[n_eval:][: args.max_train]}
+    splits = split_pairs(read_pairs(fetch(args.out / "cache")), args.seed, args.valid, args.test, args.max_train)
     tok = train_bpe((t for pair in splits["train"] for t in pair), args.bpe_size, args.out)
     for name, rows in splits.items():
         for side, col in (("src", 0), ("tgt", 1)):
