@@ -1,10 +1,11 @@
 """The stock fairseq command line on tiny real data: train, resume, generate, and bad input."""
 import re
+import subprocess
 
 import pytest
 import torch
 
-from conftest import ROOT, preprocess, run_cli, write_pairs
+from conftest import BIN, ROOT, preprocess, run_cli, write_pairs
 
 USER_DIR = ROOT / "elmer_fairseq"
 TINY = ["--arch", "elmer_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
@@ -157,3 +158,21 @@ def test_python_api_returns_what_fairseq_generate_returns(xsum_tiny, trained, mo
     assert details[0]["exit_layers"].shape == details[0]["tokens"].shape
     with pytest.raises(ValueError, match="fine-tuned with"):
         model.generate(sources, exit_mode="hard" if mode == "soft" else "soft")
+
+
+def test_elmer_generate_reads_raw_lines_and_writes_text(xsum_tiny, trained, tmp_path):
+    proc = run_cli("fairseq-generate", *generate_args(xsum_tiny, trained["soft"]))
+    expected = hypotheses(proc.stdout)
+    sources = xsum_tiny.parent / "test.src"
+    out = subprocess.run([str(BIN / "elmer-generate"), "--path", str(trained["soft"]), "--data", str(xsum_tiny),
+                          "--input", str(sources), "--batch-size", "3", "--device", "cpu"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [expected[i] for i in range(8)]  # logs and progress go to stderr
+
+
+@pytest.mark.parametrize("content,message", [(b"a b\n\nc\n", ":2: empty input line"),
+                                             (b"a b\n\xff\xfe\n", ":2: not UTF-8")])
+def test_elmer_generate_names_the_bad_line(xsum_tiny, trained, tmp_path, content, message):
+    bad = tmp_path / "in.txt"
+    bad.write_bytes(content)
+    expect_failure("elmer-generate", ["--path", trained["soft"], "--data", xsum_tiny, "--input", bad], f"in.txt{message}")

@@ -1,0 +1,56 @@
+"""`elmer-generate`: raw text in (a file or stdin, one input per line), generated text out.
+
+    elmer-generate --path checkpoints/demo-soft --data data/xsum/bin --bpe-dir data/xsum < articles.txt
+"""
+import argparse
+import sys
+
+from tqdm import tqdm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="elmer-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", required=True, help="checkpoint file, or the --save-dir of a fine-tuning run")
+    p.add_argument("--data", required=True, help="the binarized data folder the model was trained on (its dictionary)")
+    p.add_argument("--bpe-dir", help="folder with vocab.json and merges.txt of the byte-level BPE (--bpe byte_bpe_ids)")
+    p.add_argument("--input", default="-", help="input file, one input per line (default: stdin)")
+    p.add_argument("--exit-threshold", type=float, help="hard exit's delta (hard-exit checkpoints only)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def read_lines(name: str):
+    raw = sys.stdin.buffer.read() if name == "-" else open(name, "rb").read()
+    where = "stdin" if name == "-" else name
+    lines = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"{where}:{lineno}: not UTF-8 ({e})")
+        if not text:
+            raise SystemExit(f"{where}:{lineno}: empty input line")
+        lines.append(text)
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from . import ELMER  # after argument parsing: --help should not wait for torch and fairseq
+
+    lines = read_lines(args.input)
+    model = ELMER.from_pretrained(args.path, data=args.data, bpe_dir=args.bpe_dir, device=args.device)
+    step = args.batch_size
+    with tqdm(total=len(lines), unit="line", disable=len(lines) <= step, file=sys.stderr) as progress:
+        for start in range(0, len(lines), step):
+            chunk = lines[start: start + step]
+            for text in model.generate(chunk, exit_threshold=args.exit_threshold, batch_size=step):
+                print(text, flush=False)
+            progress.update(len(chunk))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
