@@ -1,5 +1,4 @@
 """Shared fixtures: a tiny ELMER built through fairseq's own registries, and tiny real data."""
-import argparse
 import json
 import os
 import subprocess

@@ -11,7 +11,7 @@ every position in one pass; how a position travels through the layers is the exi
 - lplm: (pretraining) every position exits at a layer given by the caller, sampled by LPLM.
 """
 import math
-from typing import Dict, List, NamedTuple, Optional
+from typing import List, NamedTuple
 
 import torch
 import torch.nn.functional as F
