@@ -12,7 +12,8 @@ sweep of hard exit's delta gives the share of tokens per exit layer and the qual
     python examples/benchmark.py --data data/xsum-bench --out results/benchmark [--device cuda]
 
 Writes OUT/results.md, OUT/results.csv, OUT/delta_sweep.md and OUT/delta_sweep.png. A system
-that fails is reported with the step that failed; the others still get their rows.
+that fails is reported with the step that failed; the others still get their rows. Rerunning
+skips trained systems and finished rows (OUT/rows/), so an interrupted run continues.
 """
 import argparse
 import csv
@@ -234,7 +235,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads for CPU timing (same for every system)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    for sub in ("logs", "rows"):
+        (args.out / sub).mkdir(parents=True, exist_ok=True)
     refs = (args.data.parent / "test.raw.tgt").read_text(encoding="utf-8").splitlines()
     device_flags = ["--cpu"] if args.device == "cpu" else []
     results, errors, ckpts, running = [], {}, {}, []
@@ -261,12 +263,17 @@ def main():
             if name in errors:
                 results.append({"system": system, "error": errors[name]})
                 continue
+            done = args.out / "rows" / (re.sub(r"\W+", "-", system) + ".json")
+            if done.exists():  # finished in an earlier run: an interrupted benchmark continues
+                results.append(json.loads(done.read_text()))
+                continue
             step = "generate"
             try:
                 row = quality(system, ckpts[name], gen_flags, args, device_flags, refs, re.sub(r"\W+", "-", system))
                 step = "latency"
                 row["ms_per_sample"] = latency(ckpts[name], gen_flags, args, args.device)
                 results.append(row)
+                done.write_text(json.dumps(row))
             except Exception as e:  # noqa: BLE001
                 results.append({"system": system, "error": f"{step}: {e}"})
             print(json.dumps(results[-1]), flush=True)
