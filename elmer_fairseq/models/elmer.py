@@ -68,15 +68,9 @@ class ElmerModel(TransformerModel):
         `exit_mode`. The encoder runs once either way.
         """
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
-        mask = tgt_tokens.ne(self.decoder.padding_idx)
         if exit_layers is not None:
-            k = exit_layers.size(0) // tgt_tokens.size(0)
-            if k > 1:
-                order = torch.arange(tgt_tokens.size(0), device=tgt_tokens.device).repeat(k)
-                encoder_out = self.encoder.reorder_encoder_out(encoder_out, order)
-                prev_output_tokens, tgt_tokens, mask = (t.repeat(k, 1) for t in (prev_output_tokens, tgt_tokens, mask))
-            logits = self.decoder.forward_lplm(prev_output_tokens, encoder_out, exit_layers)
-            return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "nll_loss": True}}
+            return self.lplm_terms(encoder_out, prev_output_tokens, tgt_tokens, exit_layers)
+        mask = tgt_tokens.ne(self.decoder.padding_idx)
         layer_logits = self.decoder(prev_output_tokens, encoder_out, tgt_tokens)
         num_layers = len(layer_logits)
         return {
@@ -86,6 +80,21 @@ class ElmerModel(TransformerModel):
             }
             for l, logits in enumerate(layer_logits)
         }
+
+    def lplm_terms(self, encoder_out, prev_output_tokens, tgt_tokens, exit_layers):
+        """The LPLM loss term over an encoder output computed once for the B sequences:
+        `exit_layers` holds K permutations of each ([K*B, T]), decoded as one batch."""
+        bsz = tgt_tokens.size(0)
+        if exit_layers.size(0) % bsz:
+            raise ValueError(f"exit_layers has {exit_layers.size(0)} rows, not a multiple of the batch's {bsz}")
+        k = exit_layers.size(0) // bsz
+        if k > 1:
+            order = torch.arange(bsz, device=tgt_tokens.device).repeat(k)
+            encoder_out = self.encoder.reorder_encoder_out(encoder_out, order)
+            prev_output_tokens, tgt_tokens = prev_output_tokens.repeat(k, 1), tgt_tokens.repeat(k, 1)
+        logits = self.decoder.forward_lplm(prev_output_tokens, encoder_out, exit_layers)
+        mask = tgt_tokens.ne(self.decoder.padding_idx)
+        return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "nll_loss": True}}
 
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int, exit_threshold: float = 0.5) -> Decoded:

@@ -245,7 +245,7 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
             perms = min(c, k - first)
             chunk = {**sample, "net_input": {**net, "exit_layers": exit_layers[first * bsz:(first + perms) * bsz]}}
             with autocast:
-                loss, sample_size, log = criterion(lplm_decoder(model, encoder_out, perms), chunk)
+                loss, sample_size, log = criterion(lplm_decoder(model, encoder_out), chunk)
             share = perms / k
             loss = loss * share
             if optimizer is not None:
@@ -263,16 +263,11 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
         return super().build_model(cfg, from_checkpoint)
 
 
-def lplm_decoder(model, encoder_out, perms: int):
-    """A stand-in for `model` that the criterion calls on one chunk of `perms` permutations: the
+def lplm_decoder(model, encoder_out):
+    """A stand-in for `model` that the criterion calls on one chunk of permutations: the
     decoder part of ElmerModel.forward's LPLM branch over an encoder output computed once."""
     def forward(src_tokens, src_lengths, prev_output_tokens, tgt_tokens, exit_layers):
-        order = torch.arange(tgt_tokens.size(0), device=tgt_tokens.device).repeat(perms)
-        encoded = model.encoder.reorder_encoder_out(encoder_out, order)
-        prev_output_tokens, tgt_tokens = prev_output_tokens.repeat(perms, 1), tgt_tokens.repeat(perms, 1)
-        logits = model.decoder.forward_lplm(prev_output_tokens, encoded, exit_layers)
-        mask = tgt_tokens.ne(model.decoder.padding_idx)
-        return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "nll_loss": True}}
+        return model.lplm_terms(encoder_out, prev_output_tokens, tgt_tokens, exit_layers)
 
     return forward
 
