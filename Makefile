@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test benchmark-cpu clean-venv
 
 venv: $(VENV)/.ready
 
@@ -22,6 +22,9 @@ $(VENV)/.ready: setup.py requirements.txt
 
 demo: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo.sh
+
+benchmark-cpu: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/benchmark_cpu.sh
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -1,23 +1,29 @@
 #!/usr/bin/env python
-"""ELMER against fairseq's CMLM, LevT and an autoregressive Transformer on the same XSum data.
+"""ELMER against fairseq's CMLM, LevT and an autoregressive Transformer on one task's data.
 
-Every system has the same size (3+3 layers, d=256, 4 heads, FFN 1024, shared embeddings), the same
-data (examples/prepare_xsum.py with sources cut to --max-source-tokens for all of them) and the
-same number of updates. For each system it trains with fairseq-train (skipped when the checkpoint
-has reached --updates, so an interrupted run continues), decodes the test split with
-fairseq-generate for quality, and times every test sample at batch size 1 in one process, all
-systems alike (warm-up, median, torch.cuda.synchronize() before reading the clock on GPU). A
-sweep of hard exit's delta gives the share of tokens per exit layer and the quality at each delta.
+Every system has the same size (--layers encoder and decoder layers, width --dim, FFN 4 x dim,
+4 heads, shared embeddings), the same data (examples/prepare.py, sources and targets cut at
+writing time for all of them) and the same number of updates. For each system it trains with
+fairseq-train (skipped when the checkpoint has reached --updates, so an interrupted run
+continues), decodes the test split with fairseq-generate for quality, and times every test
+sample at batch size 1 in one process, all systems alike (same thread count, warm-up, median,
+torch.cuda.synchronize() before reading the clock on GPU). Systems ending in "-kd" train on the
+training split re-labelled by the trained autoregressive Transformer (sequence-level knowledge
+distillation, greedy decoding: fairseq's usual NAT recipe). A sweep of hard exit's delta gives
+the share of tokens per exit layer and the quality at each delta.
 
-    python examples/benchmark.py --data data/xsum-bench --out results/benchmark [--device cuda]
+    python examples/benchmark.py --data data/bench/qg/bin --out results/benchmark/qg [--device cuda]
 
-Writes OUT/results.md, OUT/results.csv, OUT/delta_sweep.md and OUT/delta_sweep.png. A system
-that fails is reported with the step that failed; the others still get their rows. Rerunning
-skips trained systems and finished rows (OUT/rows/), so an interrupted run continues.
+Writes OUT/results.md, OUT/results.csv, OUT/samples.md (the first outputs of every system, to
+read), OUT/delta_sweep.md and OUT/delta_sweep.png. A system that fails is reported with the step
+that failed; the others still get their rows. Rerunning skips trained systems and finished rows
+(OUT/rows/), so an interrupted run continues. examples/benchmark_cpu.sh runs all three tasks.
 """
 import argparse
 import csv
 import json
+import logging
+import os
 import re
 import statistics
 import subprocess
@@ -31,36 +37,52 @@ import elmer_fairseq.checkpoint  # noqa: F401  (fairseq checkpoints load with to
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from score import parse_log, rouge  # noqa: E402
+from metrics import all_metrics  # noqa: E402
+from score import parse_log  # noqa: E402
 
-SIZE = ["--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "256",
-        "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
-        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--share-all-embeddings"]
 NAT = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-init", "--encoder-learned-pos",
        "--decoder-learned-pos", "--label-smoothing", "0.1"]
-ELMER = ["--user-dir", str(HERE.parent / "elmer_fairseq"), "--task", "elmer_translation", "--max-target-length", "64"]
 NAT_GEN = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1"]
-
-# name -> (training flags, {system name: generation flags})
-SYSTEMS = {
-    "elmer-soft": (ELMER + ["--arch", "elmer_tiny", "--exit-mode", "soft", "--criterion", "elmer_loss",
-                            "--label-smoothing", "0.1"],
-                   {"ELMER-Soft": ELMER + ["--iter-decode-max-iter", "0", "--beam", "1"]}),
-    "elmer-hard": (ELMER + ["--arch", "elmer_tiny", "--exit-mode", "hard", "--criterion", "elmer_loss",
-                            "--label-smoothing", "0.1"],
-                   {"ELMER-Hard (delta=0.5)": ELMER + ["--iter-decode-max-iter", "0", "--beam", "1",
-                                                       "--exit-threshold", "0.5"]}),
-    "cmlm": (NAT + ["--arch", "cmlm_transformer", "--noise", "random_mask", "--length-loss-factor", "0.1"],
-             {"CMLM (0 it.)": NAT_GEN + ["--iter-decode-max-iter", "0"],
-              "CMLM (10 it.)": NAT_GEN + ["--iter-decode-max-iter", "10", "--iter-decode-force-max-iter"]}),
-    "levt": (NAT + ["--arch", "levenshtein_transformer", "--noise", "random_delete", "--early-exit", "3,3,3"],
-             {"LevT": NAT_GEN + ["--iter-decode-max-iter", "10"]}),
-    "transformer": (["--task", "translation", "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy",
-                     "--label-smoothing", "0.1"],
-                    {"Transformer (AR, greedy)": ["--task", "translation", "--beam", "1", "--max-len-b", "64"],
-                     "Transformer (AR, beam 4)": ["--task", "translation", "--beam", "4", "--max-len-b", "64"]}),
-}
+NAR = ("elmer-soft", "elmer-hard", "cmlm", "levt")  # the systems that have a "-kd" twin
+NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR)]
 DELTAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def systems(args):
+    """name -> (training flags, {system name: generation flags}); every output is at most T pieces."""
+    length = str(args.max_target_length)
+    elmer = ["--user-dir", str(HERE.parent / "elmer_fairseq"), "--task", "elmer_translation",
+             "--max-target-length", length]
+    elmer_train = elmer + ["--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0.1"]
+    elmer_gen = elmer + ["--iter-decode-max-iter", "0", "--beam", "1"]
+    nat_gen = NAT_GEN + ["--max-len-a", "0", "--max-len-b", length]
+    ar_gen = ["--task", "translation", "--max-len-a", "0", "--max-len-b", length]
+    out = {
+        "transformer": (["--task", "translation", "--arch", "transformer", "--label-smoothing", "0.1",
+                         "--criterion", "label_smoothed_cross_entropy"],
+                        {"Transformer (AR, greedy)": ar_gen + ["--beam", "1"],
+                         "Transformer (AR, beam 4)": ar_gen + ["--beam", "4"]}),
+        "elmer-soft": (elmer_train + ["--exit-mode", "soft"], {"ELMER-Soft": elmer_gen}),
+        "elmer-hard": (elmer_train + ["--exit-mode", "hard"],
+                       {"ELMER-Hard (delta=0.5)": elmer_gen + ["--exit-threshold", "0.5"]}),
+        "cmlm": (NAT + ["--arch", "cmlm_transformer", "--noise", "random_mask", "--length-loss-factor", "0.1"],
+                 {"CMLM (0 it.)": nat_gen + ["--iter-decode-max-iter", "0"],
+                  "CMLM (10 it.)": nat_gen + ["--iter-decode-max-iter", "10", "--iter-decode-force-max-iter"]}),
+        "levt": (NAT + ["--arch", "levenshtein_transformer", "--noise", "random_delete",
+                        "--early-exit", ",".join([str(args.layers)] * 3)],
+                 {"LevT": nat_gen + ["--iter-decode-max-iter", "10"]}),
+    }
+    for name in NAR:
+        flags, gens = out[name]
+        out[f"{name}-kd"] = (flags, {f"{system} + KD": gen for system, gen in gens.items()})
+    return out
+
+
+def size_flags(args):
+    return ["--encoder-layers", args.layers, "--decoder-layers", args.layers, "--encoder-embed-dim", args.dim,
+            "--decoder-embed-dim", args.dim, "--encoder-ffn-embed-dim", 4 * args.dim,
+            "--decoder-ffn-embed-dim", 4 * args.dim, "--encoder-attention-heads", "4",
+            "--decoder-attention-heads", "4", "--share-all-embeddings"]
 
 
 def fairseq_cli(tool):
@@ -81,37 +103,54 @@ def trained_updates(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu")["optimizer_history"][-1]["num_updates"]
 
 
-def train(name, flags, args, device_flags):
+def train(name, flags, data, args, device_flags):
     save = args.out / "checkpoints" / name
     if trained_updates(save / "checkpoint_last.pt") >= args.updates:
         return save / "checkpoint_last.pt", None
     save.mkdir(parents=True, exist_ok=True)
-    argv = [args.data, *flags, *SIZE, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(args.lr),
-            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "1.0",
-            "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", str(args.max_tokens),
-            "--max-update", str(args.updates), "--save-dir", save, "--no-epoch-checkpoints",
-            "--save-interval-updates", "500", "--keep-interval-updates", "1", "--log-format", "simple",
-            # validate and save every 500 updates and at the end, not after every (tiny) epoch
-            "--validate-interval-updates", "500", "--validate-interval", "10000", "--save-interval", "10000",
+    every = str(max(100, args.updates // 5))
+    argv = [data, *flags, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
+            "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,
+            "--max-update", args.updates, "--save-dir", save, "--no-epoch-checkpoints",
+            "--save-interval-updates", every, "--keep-interval-updates", "1", "--log-format", "simple",
+            # validate and save every `every` updates and at the end, not after every (tiny) epoch
+            "--validate-interval-updates", every, "--validate-interval", "10000", "--save-interval", "10000",
             "--log-interval", "100", "--seed", "1", "--num-workers", "0", *device_flags]
     log = (args.out / "logs" / f"train-{name}.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.train_threads), "MKL_NUM_THREADS": str(args.train_threads)}
     return save / "checkpoint_last.pt", subprocess.Popen([*fairseq_cli("train"), *map(str, argv)], stdout=log,
-                                                         stderr=subprocess.STDOUT)
+                                                         stderr=subprocess.STDOUT, env=env)
 
 
-def extra_metrics(hyps, refs):
-    import sacrebleu
-
-    words = [h.split() for h in hyps]
-    ngrams = lambda n: [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]  # noqa: E731
-    distinct = {n: len(set(ngrams(n))) / max(1, len(ngrams(n))) for n in (1, 2)}
-    return {
-        "bleu4": sacrebleu.corpus_bleu(hyps, [refs]).score,
-        "distinct1": 100 * distinct[1], "distinct2": 100 * distinct[2],
-        "mean_len": statistics.mean(len(w) for w in words),
-        "empty": 100 * sum(not w for w in words) / len(words),
-        "repeat": 100 * sum(any(a == b for a, b in zip(w, w[1:])) for w in words) / len(words),
-    }
+def distill(ar_ckpt, args, device_flags) -> Path:
+    """The training split with targets re-written by the AR Transformer (greedy), binarized with the same dicts."""
+    kd = args.out / "kd-data"
+    if (kd / "bin" / "train.src-tgt.tgt.idx").exists():
+        return kd / "bin"
+    kd.mkdir(parents=True, exist_ok=True)
+    log = args.out / "logs" / "distill.txt"
+    fairseq("generate", args.data, "--path", ar_ckpt, *systems(args)["transformer"][1]["Transformer (AR, greedy)"],
+            "--gen-subset", "train", "--batch-size", "128", "--required-batch-size-multiple", "1",
+            "--user-dir", HERE.parent / "elmer_fairseq", *device_flags, log=log)
+    hyps = {int(line[2:].split("\t")[0]): line.rstrip("\n").split("\t")[2:] for line in log.open() if line.startswith("H-")}
+    sources = (args.data.parent / "train.src").read_text(encoding="utf-8").splitlines()
+    targets = (args.data.parent / "train.tgt").read_text(encoding="utf-8").splitlines()
+    if sorted(hyps) != list(range(len(targets))):
+        raise RuntimeError(f"{log}: {len(hyps)} hypotheses for {len(targets)} training pairs")
+    # an empty hypothesis would leave a NAT system nothing to learn from: keep the reference there
+    new = [(hyps[i][0] if hyps[i] and hyps[i][0] else targets[i]) for i in range(len(targets))]
+    print(f"distilled {len(new)} training targets ({sum(a == b for a, b in zip(new, targets))} equal to the "
+          f"reference, {sum(not (hyps[i] and hyps[i][0]) for i in hyps)} empty kept as the reference)", flush=True)
+    (kd / "train.src").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (kd / "train.tgt").write_text("\n".join(new) + "\n", encoding="utf-8")
+    fairseq("preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", kd / "train",
+            "--srcdict", args.data / "dict.src.txt", "--tgtdict", args.data / "dict.tgt.txt",
+            "--destdir", kd / "bin", "--workers", "2", log=args.out / "logs" / "distill-preprocess.txt")
+    for f in args.data.glob("*"):  # valid and test stay the real references
+        if not f.name.startswith("train.") and not (kd / "bin" / f.name).exists():
+            (kd / "bin" / f.name).symlink_to(f.resolve())
+    return kd / "bin"
 
 
 def quality(system, ckpt, gen_flags, args, device_flags, refs, log_name):
@@ -124,7 +163,8 @@ def quality(system, ckpt, gen_flags, args, device_flags, refs, log_name):
     if sorted(hyps) != list(range(len(refs))):
         raise RuntimeError(f"{log}: {len(hyps)} hypotheses for {len(refs)} references")
     ordered = [hyps[i] for i in range(len(refs))]
-    return {"system": system, **rouge(ordered, refs), **extra_metrics(ordered, refs), "mean_exit_layer": mean_exit}
+    return {"system": system, **all_metrics(ordered, refs, args.wordnet), "mean_exit_layer": mean_exit,
+            "samples": ordered[: args.show]}
 
 
 def latency(ckpt, gen_flags, args, device):
@@ -160,9 +200,10 @@ def latency(ckpt, gen_flags, args, device):
 
 def delta_sweep(ckpt, args, device_flags, refs):
     rows = []
+    hard = systems(args)["elmer-hard"][1]["ELMER-Hard (delta=0.5)"]
     for delta in DELTAS:
-        flags = SYSTEMS["elmer-hard"][1]["ELMER-Hard (delta=0.5)"][:-1] + [str(delta)]
-        row = quality(f"delta={delta}", ckpt, flags, args, device_flags, refs, f"elmer-hard-delta{delta}")
+        row = quality(f"delta={delta}", ckpt, hard[:-1] + [str(delta)], args, device_flags, refs,
+                      f"elmer-hard-delta{delta}")
         text = (args.out / "logs" / f"gen-elmer-hard-delta{delta}.txt").read_text()
         shares = re.search(r"ELMER exit layers over .*?; (.*)$", text, re.M).group(1)
         row["layer_share"] = [float(s) for s in re.findall(r"L\d+ ([\d.]+)%", shares)]
@@ -170,27 +211,39 @@ def delta_sweep(ckpt, args, device_flags, refs):
     return rows
 
 
+KEYS = ["system", "rouge1", "rouge2", "rougeL", "bleu1", "bleu2", "bleu4", "meteor", "distinct1", "distinct2",
+        "mean_len", "empty", "repeat", "ms_per_sample", "speedup_vs_ar", "mean_exit_layer", "error"]
+HEADS = ["system", "R-1", "R-2", "R-L", "BLEU-1", "BLEU-2", "BLEU-4", "METEOR", "Dist-1", "Dist-2", "mean len",
+         "empty %", "repeat %", "ms/sample", "speed-up vs AR greedy", "mean exit layer"]
+
+
 def write_tables(rows, sweep, args, header):
-    keys = ["system", "rouge1", "rouge2", "rougeL", "bleu4", "distinct1", "distinct2", "mean_len", "empty",
-            "repeat", "ms_per_sample", "speedup_vs_ar", "mean_exit_layer", "error"]
     with (args.out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=KEYS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [header, "", "| system | R-1 | R-2 | R-L | BLEU-4 | Dist-1 | Dist-2 | mean len | empty % | repeat % "
-                         "| ms/sample | speed-up vs AR greedy | mean exit layer |", "|" + "---|" * 13]
+    lines = [header, "", "| " + " | ".join(HEADS) + " |", "|" + "---|" * len(HEADS)]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['system']} | failed: {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['system']} | failed: {r['error']} |" + " |" * (len(HEADS) - 2))
         else:
-            lines.append("| " + " | ".join(fmt(r.get(k)) for k in keys[:-1]) + " |")
+            lines.append("| " + " | ".join(fmt(r.get(k)) for k in KEYS[:-1]) + " |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    refs = (args.data.parent / "test.raw.tgt").read_text(encoding="utf-8").splitlines()
+    samples = [f"# First {args.show} test outputs per system\n"]
+    for i, ref in enumerate(refs[: args.show]):
+        samples.append(f"## Sample {i}\n\n- **reference**: {ref}")
+        samples += [f"- **{r['system']}**: {r['samples'][i]}" for r in rows if len(r.get("samples", [])) > i]
+        samples.append("")
+    (args.out / "samples.md").write_text("\n".join(samples))
     if sweep:
-        sweep_lines = ["| delta | R-1 | R-2 | R-L | mean exit layer | share per layer (L1/L2/L3, %) |", "|---|---|---|---|---|---|"]
+        sweep_lines = ["| delta | R-1 | R-2 | R-L | METEOR | mean exit layer | share per layer (L1/L2/..., %) |",
+                       "|---|---|---|---|---|---|---|"]
         for r in sweep:
             sweep_lines.append(f"| {r['system'][6:]} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
-                               f"{r['mean_exit_layer']:.2f} | {' / '.join(f'{s:.1f}' for s in r['layer_share'])} |")
+                               f"{r['meteor']:.2f} | {r['mean_exit_layer']:.2f} | "
+                               f"{' / '.join(f'{s:.1f}' for s in r['layer_share'])} |")
         (args.out / "delta_sweep.md").write_text("\n".join(sweep_lines) + "\n")
         plot_sweep(sweep, args.out / "delta_sweep.png")
     print((args.out / "results.md").read_text())
@@ -200,6 +253,7 @@ def plot_sweep(sweep, path):
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger verbose
     import matplotlib.pyplot as plt
 
     deltas = [float(r["system"][6:]) for r in sweep]
@@ -222,34 +276,54 @@ def plot_sweep(sweep, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("data/xsum-bench/bin"), help="binarized XSum (prepare_xsum.py)")
+    p.add_argument("--data", type=Path, default=Path("data/xsum-bench/bin"), help="binarized data (examples/prepare.py)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", default=NAMES[:5], choices=NAMES,
+                   help="which to train (default: the five without distillation; add e.g. elmer-soft-kd cmlm-kd)")
+    p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers of every system (default: 3)")
+    p.add_argument("--dim", type=int, default=256, help="model width of every system, FFN 4x (default: 256)")
+    p.add_argument("--max-target-length", type=int, default=64,
+                   help="longest output of every system: ELMER's T, the AR and NAT --max-len-b (default: 64)")
     p.add_argument("--updates", type=int, default=3000, help="training updates per system (default 3000)")
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--parallel", type=int, default=1, help="systems trained at the same time (a GPU fits several)")
+    p.add_argument("--parallel", type=int, default=1, help="systems trained at the same time")
+    p.add_argument("--train-threads", type=int, default=1, help="torch threads per training process (default: 1)")
     p.add_argument("--warmup-samples", type=int, default=10, help="untimed samples before timing")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for CPU timing (same for every system)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for CPU timing (same for every system)")
+    p.add_argument("--show", type=int, default=5, help="test outputs per system written to samples.md")
+    p.add_argument("--wordnet", type=Path, default=Path("data/nltk_data"), help="WordNet cache for METEOR")
     args = p.parse_args()
+    if not (args.data / "dict.src.txt").exists():
+        sys.exit(f"--data {args.data}: no dict.src.txt; prepare the data first (examples/prepare.py)")
+    if any(n.endswith("-kd") for n in args.systems) and "transformer" not in args.systems:
+        sys.exit("--systems: the -kd systems learn from the autoregressive transformer; add 'transformer'")
     torch.set_num_threads(args.threads)
     for sub in ("logs", "rows"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     refs = (args.data.parent / "test.raw.tgt").read_text(encoding="utf-8").splitlines()
     device_flags = ["--cpu"] if args.device == "cpu" else []
-    results, errors, ckpts, running = [], {}, {}, []
+    table, results, errors, ckpts, running = systems(args), [], {}, {}, []
+    order = [n for n in NAMES if n in args.systems]  # the AR model first: distillation needs it
 
     def wait(name, proc):
         if proc.wait() != 0:
             errors[name] = f"train: exit {proc.returncode}, see logs/train-{name}.log"
 
-    for name in args.systems:  # training, up to --parallel systems at a time
+    for name in order:  # training, up to --parallel systems at a time
         try:
-            ckpts[name], proc = train(name, SYSTEMS[name][0], args, device_flags)
+            data = args.data
+            if name.endswith("-kd"):
+                while any(n == "transformer" for n, _ in running):
+                    wait(*running.pop(0))
+                if "transformer" in errors or "transformer" not in ckpts:
+                    raise RuntimeError("the autoregressive transformer did not train")
+                data = distill(ckpts["transformer"], args, device_flags)
+            ckpts[name], proc = train(name, table[name][0], data, args, device_flags)
         except Exception as e:  # noqa: BLE001 (reported in the table)
-            errors[name] = f"train: {e}"
+            errors[name] = f"{'distill' if name.endswith('-kd') else 'train'}: {e}"
             continue
         if proc is not None:
             print(f"training {name} ({args.updates} updates)", flush=True)
@@ -258,8 +332,8 @@ def main():
             wait(*running.pop(0))
     for job in running:
         wait(*job)
-    for name in args.systems:
-        for system, gen_flags in SYSTEMS[name][1].items():
+    for name in order:
+        for system, gen_flags in table[name][1].items():
             if name in errors:
                 results.append({"system": system, "error": errors[name]})
                 continue
@@ -276,15 +350,23 @@ def main():
                 done.write_text(json.dumps(row))
             except Exception as e:  # noqa: BLE001
                 results.append({"system": system, "error": f"{step}: {e}"})
-            print(json.dumps(results[-1]), flush=True)
-    ar = next((r for r in results if r["system"].startswith("Transformer (AR, greedy)") and "ms_per_sample" in r), None)
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "samples"}), flush=True)
+    ar = next((r for r in results if r["system"] == "Transformer (AR, greedy)" and "ms_per_sample" in r), None)
     for r in results:
         if ar and "ms_per_sample" in r:
             r["speedup_vs_ar"] = ar["ms_per_sample"] / r["ms_per_sample"]
-    sweep = delta_sweep(ckpts["elmer-hard"], args, device_flags, refs) if "elmer-hard" in ckpts and "elmer-hard" not in errors else []
-    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    header = (f"XSum test split ({len(refs)} articles), {args.updates} updates per system, {hw}; "
-              f"latency: batch size 1, median after {args.warmup_samples} warm-up samples")
+    sweep = []
+    if "elmer-hard" in ckpts and "elmer-hard" not in errors:
+        try:
+            sweep = delta_sweep(ckpts["elmer-hard"], args, device_flags, refs)
+        except Exception as e:  # noqa: BLE001 (the table is still written)
+            print(f"delta sweep failed: {e}", flush=True)
+    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), {args.threads} thread(s)"
+    split = json.loads((args.data.parent / "splits.json").read_text()) if (args.data.parent / "splits.json").exists() else {}
+    header = (f"{split.get('task', args.data.parent.name)}: test split of {len(refs)} samples "
+              f"(train {split.get('pairs', {}).get('train', '?')} pairs); {args.layers}+{args.layers} layers, "
+              f"d={args.dim}; {args.updates} updates of <= {args.max_tokens} tokens per system; {hw}; latency: "
+              f"batch size 1, median after {args.warmup_samples} warm-up samples")
     write_tables(results, sweep, args, header)
 
 

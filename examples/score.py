@@ -14,6 +14,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metrics import rouge  # noqa: E402
+
 TIMER = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
 EXITS = re.compile(r"ELMER exit layers over .*: mean ([\d.]+) of (\d+)")
 
@@ -31,17 +34,6 @@ def parse_log(path: Path):
     if seconds is None:
         raise SystemExit(f"{path}: no 'Translated N sentences' line: did fairseq-generate finish?")
     return hyps, seconds, sentences, mean_exit
-
-
-def rouge(hyps, refs):
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for hyp, ref in zip(hyps, refs):
-        for key, score in scorer.score(ref, hyp).items():
-            totals[key] += score.fmeasure
-    return {key: 100 * value / len(refs) for key, value in totals.items()}
 
 
 def score(log: Path, refs_path: Path, name: str):

