@@ -2,7 +2,7 @@
 """ELMER against fairseq's CMLM, LevT and an autoregressive Transformer on one task's data.
 
 Every system has the same size (--layers encoder and decoder layers, width --dim, FFN 4 x dim,
-4 heads, shared embeddings), the same data (examples/prepare.py, sources and targets cut at
+--heads heads, shared embeddings), the same data (examples/prepare.py, sources and targets cut at
 writing time for all of them) and the same number of updates. For each system it trains with
 fairseq-train (skipped when the checkpoint has reached --updates, so an interrupted run
 continues), decodes the test split with fairseq-generate for quality, and times every test
@@ -81,8 +81,8 @@ def systems(args):
 def size_flags(args):
     return ["--encoder-layers", args.layers, "--decoder-layers", args.layers, "--encoder-embed-dim", args.dim,
             "--decoder-embed-dim", args.dim, "--encoder-ffn-embed-dim", 4 * args.dim,
-            "--decoder-ffn-embed-dim", 4 * args.dim, "--encoder-attention-heads", "4",
-            "--decoder-attention-heads", "4", "--share-all-embeddings"]
+            "--decoder-ffn-embed-dim", 4 * args.dim, "--encoder-attention-heads", args.heads,
+            "--decoder-attention-heads", args.heads, "--share-all-embeddings"]
 
 
 def fairseq_cli(tool):
@@ -112,6 +112,7 @@ def train(name, flags, data, args, device_flags):
     argv = [data, *flags, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,
+            "--required-batch-size-multiple", "1",  # fairseq drops the samples that do not fill a multiple
             "--max-update", args.updates, "--save-dir", save, "--no-epoch-checkpoints",
             "--save-interval-updates", every, "--keep-interval-updates", "1", "--log-format", "simple",
             # validate and save every `every` updates and at the end, not after every (tiny) epoch
@@ -283,6 +284,7 @@ def main():
                    help="which to train (default: the five without distillation; add e.g. elmer-soft-kd cmlm-kd)")
     p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers of every system (default: 3)")
     p.add_argument("--dim", type=int, default=256, help="model width of every system, FFN 4x (default: 256)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of every system (default: 4)")
     p.add_argument("--max-target-length", type=int, default=64,
                    help="longest output of every system: ELMER's T, the AR and NAT --max-len-b (default: 64)")
     p.add_argument("--updates", type=int, default=3000, help="training updates per system (default 3000)")

