@@ -17,5 +17,6 @@ setup(
     package_data={"elmer_fairseq.csrc": ["*.cpp", "*.cu", "*.h"]},
     python_requires=">=3.8",
     install_requires=["torch>=2.0", "rouge-score", "sacrebleu", "tokenizers", "tqdm"] + fairseq_req,
-    entry_points={"console_scripts": ["elmer-generate=elmer_fairseq.cli:main"]},
+    entry_points={"console_scripts": ["elmer-generate=elmer_fairseq.cli:main",
+                                     "elmer-convert=elmer_fairseq.convert:main"]},
 )

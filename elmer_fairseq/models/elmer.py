@@ -265,3 +265,13 @@ def elmer_tiny(args):
         encoder_attention_heads=4, decoder_attention_heads=4, activation_fn="gelu",
         layernorm_embedding=True, no_scale_embedding=False, dropout=0.1, attention_dropout=0.0,
     )
+
+
+@register_model_architecture("elmer", "elmer_large")
+def elmer_large(args):
+    """BART-large's size (12+12 layers, d=1024, 16 heads, FFN 4096): what `elmer-convert` gives bart-large."""
+    elmer_defaults(
+        args, encoder_layers=12, decoder_layers=12, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096,
+        encoder_attention_heads=16, decoder_attention_heads=16, activation_fn="gelu",
+        layernorm_embedding=True, no_scale_embedding=True, dropout=0.1, attention_dropout=0.1,
+    )

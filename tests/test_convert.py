@@ -1,0 +1,288 @@
+"""elmer-convert: HF BART-style checkpoints as ELMER fairseq checkpoints, checked against
+transformers' own BART (tiny random ones built here: nothing is downloaded)."""
+import json
+import re
+import sys
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+from fairseq.data import data_utils
+from tokenizers import ByteLevelBPETokenizer
+
+from conftest import ROOT, XSUM_TINY, run_cli, write_pairs
+from elmer_fairseq import ELMER
+from elmer_fairseq.convert import convert_hf_bart, read_hf, save
+
+# fairseq-fixed installs a torchaudio built for another torch, which cannot load, and transformers
+# imports torchaudio whenever it is installed. BART needs no audio.
+sys.modules.setdefault("torchaudio", None)
+from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
+
+TOLERANCE = 1e-5  # fp32, eval mode
+LENGTH = 7  # [MASK] positions the decoder fills
+SOURCES = [[5, 17, 42, 9, 33, 2], [61, 8, 2], [70, 71, 12, 13, 14, 15, 16, 2]]  # BART ids, each ending in </s>
+
+
+def tiny_bart(vocab_size=100, positions=64, scale_embedding=False, seed=0):
+    """A random BART with unequal encoder and decoder sizes, so that a swapped option shows."""
+    config = BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=3,
+                        encoder_attention_heads=2, decoder_attention_heads=4, encoder_ffn_dim=64,
+                        decoder_ffn_dim=48, max_position_embeddings=positions, dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0, scale_embedding=scale_embedding, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF starts biases at 0 and norms at 1: move them, so that a swapped name shows
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_bart():
+    return tiny_bart()
+
+
+def authors_concat_head(hf):
+    """The authors' soft exit W: h~ = concat_head([h; Embed(argmax lm_head(h))]), Linear(2d, d), no bias."""
+    torch.manual_seed(1)
+    return torch.nn.Linear(2 * hf.config.d_model, hf.config.d_model, bias=False)
+
+
+@torch.no_grad()
+def hf_reference(hf, concat_head=None):
+    """transformers' BART with a bidirectional decoder over LENGTH [MASK]s: the encoder output of
+    each source [S_i, C] and every decoder layer's output [B, T, C]. With `concat_head`, the
+    authors' soft exit runs between the decoder layers."""
+    src = data_utils.collate_tokens([torch.tensor(s) for s in SOURCES], pad_idx=1)  # right-padded, as HF pads
+    masks = torch.full((len(SOURCES), LENGTH), hf.config.vocab_size - 1)
+    layers = hf.model.decoder.layers
+    states = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+             for layer in layers]
+    if concat_head is not None:
+        def fuse(module, args):
+            h = args[0]
+            y = hf.lm_head(h).argmax(-1)
+            return (concat_head(torch.cat([h, hf.get_input_embeddings()(y)], dim=-1)),) + args[1:]
+        hooks += [layer.register_forward_pre_hook(fuse) for layer in layers[1:]]
+    # transformers uses a 4D decoder mask as given: zeros = every position attends to every other
+    bidirectional = torch.zeros(len(SOURCES), 1, LENGTH, LENGTH)
+    try:
+        out = hf(input_ids=src, attention_mask=src.ne(1).long(), decoder_input_ids=masks,
+                 decoder_attention_mask=bidirectional)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    encoder = [out.encoder_last_hidden_state[i, : len(s)] for i, s in enumerate(SOURCES)]
+    return encoder, states
+
+
+def logits(hf, h):
+    return hf.lm_head(h) + hf.final_logits_bias
+
+
+def encode(model):
+    """Our encoder on the sources left-padded, as fairseq batches them."""
+    src = data_utils.collate_tokens([torch.tensor(s) for s in SOURCES], pad_idx=1, left_pad=True)
+    lengths = torch.tensor([len(s) for s in SOURCES])
+    return src, lengths, model.encoder(src, src_lengths=lengths)
+
+
+def max_diff(ours, reference):
+    return max(float((a - b).abs().max()) for a, b in zip(ours, reference))
+
+
+def masks_for(model):
+    return torch.full((len(SOURCES), LENGTH), model.decoder.mask_idx)
+
+
+@torch.no_grad()
+def assert_computes_bart(model, hf):
+    """`model` (converted with hard exit, delta = 0: no position exits early) is `hf` with a
+    bidirectional decoder: encoder, every decoder layer, every off-ramp, the decoded tokens."""
+    hf_encoder, hf_states = hf_reference(hf)
+    src, lengths, encoder_out = encode(model)
+    enc = encoder_out["encoder_out"][0].transpose(0, 1)  # [B, S, C], real tokens last (left-padded)
+    assert max_diff([enc[i, -len(s):] for i, s in enumerate(SOURCES)], hf_encoder) < TOLERANCE
+
+    x = model.decoder.embed(masks_for(model))
+    states = []
+    for layer in range(model.decoder.num_layers):
+        x = model.decoder.run_layer(layer, x, encoder_out)
+        states.append(x.transpose(0, 1))
+    assert len(states) == len(hf_states) == 3
+    assert max_diff(states, hf_states) < TOLERANCE
+
+    hf_logits = [logits(hf, h) for h in hf_states]
+    assert max_diff(model.decoder(masks_for(model), encoder_out), hf_logits) < TOLERANCE
+    decoded = model.generate(src, lengths, LENGTH, exit_threshold=0.0)
+    assert torch.equal(decoded.tokens, hf_logits[-1].argmax(-1))
+
+
+def test_cli_output_computes_bart(hf_bart, tmp_path):
+    """The real `elmer-convert` on a save_pretrained folder; the output loads safely and is BART."""
+    hf_bart.save_pretrained(tmp_path / "hf")
+    proc = run_cli("elmer-convert", tmp_path / "hf", tmp_path / "out", "--exit-mode", "hard", "--exit-threshold", "0")
+    path = tmp_path / "out" / "model.pt"
+    state = torch.load(path, weights_only=True)  # only the classes the plugin allow-lists
+    assert state["cfg"]["task"]["_name"] == "elmer_translation"
+    assert f"fairseq-train --arch {state['cfg']['model'].arch} " in proc.stdout
+    assert "--decoder-ffn-embed-dim 48 " in proc.stdout  # the fine-tuning options for this size
+    assert f"--finetune-from-model {path}" in proc.stdout
+    models, _ = checkpoint_utils.load_model_ensemble([str(path)])  # dictionaries from the checkpoint's folder
+    assert models[0].decoder.mask_idx == hf_bart.config.vocab_size - 1
+    assert_computes_bart(models[0].eval(), hf_bart)
+
+
+def test_scaled_embeddings(tmp_path):
+    hf = tiny_bart(scale_embedding=True)
+    path = save(convert_hf_bart(hf.state_dict(), hf.config, exit_mode="hard", exit_threshold=0), tmp_path)
+    models, _ = checkpoint_utils.load_model_ensemble([str(path)])
+    assert models[0].decoder.embed_scale == hf.config.d_model ** 0.5
+    assert_computes_bart(models[0].eval(), hf)
+
+
+@torch.no_grad()
+def test_authors_concat_head_is_soft_exit(hf_bart, tmp_path):
+    """The authors' format (transformers 4 .bin with every tied name, plus concat_head) loads with
+    ELMER.from_pretrained and runs soft exit as their decoder does."""
+    concat_head = authors_concat_head(hf_bart)
+    folder = tmp_path / "elmer-base"
+    folder.mkdir()
+    torch.save({**hf_bart.state_dict(), "concat_head.weight": concat_head.weight}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(hf_bart.config.to_json_string(), encoding="utf-8")
+    state_dict, config, weights = read_hf(folder)
+    path = save(convert_hf_bart(state_dict, config, source=str(weights)), tmp_path / "out")
+
+    hub = ELMER.from_pretrained(path, data=path.parent, device="cpu")
+    assert hub.exit_mode == "soft"
+    assert len(hub.generate(["5 17 42 9"])) == 1
+    model = hub.models[0]
+    _, hf_states = hf_reference(hf_bart, concat_head)
+    _, _, encoder_out = encode(model)
+    assert max_diff(model.decoder(masks_for(model), encoder_out), [logits(hf_bart, h) for h in hf_states]) < TOLERANCE
+
+
+def test_plain_bart_soft_exit_starts_from_initialisation(hf_bart, caplog):
+    with caplog.at_level("INFO"):
+        first = convert_hf_bart(hf_bart.state_dict(), hf_bart.config)
+    assert "no concat_head.weight: soft exit's W starts from ELMER's initialisation" in caplog.text
+    again = convert_hf_bart(hf_bart.state_dict(), hf_bart.config)  # fairseq-train's seed: the same W
+    assert torch.equal(first["model"]["decoder.soft_exit.weight"], again["model"]["decoder.soft_exit.weight"])
+
+
+def test_sharded_and_bare_checkpoints(hf_bart, tmp_path):
+    """A sharded safetensors folder and a bare BartModel's names (no `model.`) give the same weights."""
+    hf_bart.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    sharded, config, _ = read_hf(tmp_path / "sharded")
+    expected = convert_hf_bart(hf_bart.state_dict(), hf_bart.config, exit_mode="hard")["model"]
+    for state_dict in (sharded, hf_bart.model.state_dict()):
+        converted = convert_hf_bart(state_dict, config, exit_mode="hard")["model"]
+        assert converted.keys() == expected.keys()
+        assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+def drop(key):
+    return lambda sd, cfg: sd.pop(key)
+
+
+def untie(sd, cfg):
+    sd["lm_head.weight"] = sd["model.shared.weight"] + 1
+
+
+def bias(sd, cfg):
+    sd["final_logits_bias"] = torch.ones_like(sd["final_logits_bias"])
+
+
+def shrink_ffn(sd, cfg):
+    cfg["decoder_ffn_dim"] = 40
+
+
+def extra(sd, cfg):
+    sd["classification_head.dense.weight"] = torch.zeros(2, 2)
+
+
+def mbart(sd, cfg):
+    cfg["model_type"] = "mbart"
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (drop("model.decoder.layers.1.fc2.weight"),
+     r"no model\.decoder\.layers\.1\.fc2\.weight \(for our decoder\.layers\.1\.fc2\.weight\)"),
+    (shrink_ffn, r"model\.decoder\.layers\.0\.fc1\.weight has shape \[48, 32\], but the config needs \[40, 32\]"),
+    (untie, r"lm_head\.weight differs from model\.shared\.weight"),
+    (bias, r"final_logits_bias is not zero"),
+    (extra, r"weights that a BART of this config does not have: classification_head\.dense\.weight"),
+    (mbart, r"model_type 'mbart'"),
+], ids=["missing", "shape", "untied", "bias", "unexpected", "mbart"])
+def test_bad_checkpoints_name_the_file_and_the_weight(hf_bart, tmp_path, spoil, message):
+    state_dict, config = dict(hf_bart.state_dict()), hf_bart.config.to_dict()
+    spoil(state_dict, config)
+    torch.save(state_dict, tmp_path / "weights.bin")
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    state_dict, config, weights = read_hf(tmp_path / "weights.bin")
+    with pytest.raises(ValueError, match=re.escape(str(weights)) + ": .*" + message):
+        convert_hf_bart(state_dict, config, source=str(weights))
+
+
+def test_cli_error_is_one_line_and_writes_nothing(hf_bart, tmp_path):
+    hf_bart.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    proc = run_cli("elmer-convert", tmp_path / "hf", tmp_path / "out", check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-1] == f"elmer-convert: error: {tmp_path / 'hf'}: none of model.safetensors, " \
+                                           f"model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json"
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_with_other_special_ids_is_refused(hf_bart, tmp_path):
+    hf_bart.save_pretrained(tmp_path)
+    (tmp_path / "vocab.json").write_text(json.dumps({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}))
+    with pytest.raises(ValueError, match=r"vocab\.json: special tokens at \{'<mask>': 4\}"):
+        read_hf(tmp_path)
+
+
+def test_fine_tune_converted_bart(tmp_path):
+    """The README's recipe end to end: a BART with its own byte-level BPE, converted; text encoded
+    with that BPE, binarized with the converted dict.txt; fairseq-train --finetune-from-model with
+    the options elmer-convert prints; the result generates text through ELMER.from_pretrained."""
+    rows = [json.loads(line) for line in XSUM_TINY.read_text(encoding="utf-8").splitlines()]
+    hf_dir = tmp_path / "bart"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([r["document"] for r in rows], vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    hf_dir.mkdir()
+    bpe.save_model(str(hf_dir))
+    vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
+    vocab["<mask>"] = len(vocab)  # BART's layout: <mask> is the last id
+    (hf_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    # positions for whole summaries: fairseq-train skips targets longer than the model's positions
+    tiny_bart(vocab_size=len(vocab), positions=256).save_pretrained(hf_dir)
+    out = tmp_path / "converted"
+    printed = run_cli("elmer-convert", hf_dir, out).stdout
+    model_options = re.search(r"fairseq-train (.*) --finetune-from-model (\S+)", printed)
+
+    encoder = ByteLevelBPETokenizer(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt"))
+
+    def ids(text):
+        return " ".join(map(str, encoder.encode(text).ids))
+
+    pairs = [(ids(r["document"]), ids(r["summary"])) for r in rows]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_pairs(raw, "train", pairs[:8])
+    write_pairs(raw, "valid", pairs[8:12])
+    run_cli("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--srcdict", out / "dict.txt",
+            "--joined-dictionary", "--trainpref", raw / "train", "--validpref", raw / "valid",
+            "--destdir", tmp_path / "bin", "--workers", "1")
+    proc = run_cli("fairseq-train", tmp_path / "bin", "--user-dir", ROOT / "elmer_fairseq",
+                   "--task", "elmer_translation", *model_options.group(1).split(),
+                   "--finetune-from-model", model_options.group(2),
+                   "--exit-mode", "soft", "--criterion", "elmer_loss", "--optimizer", "adam", "--lr", "1e-4",
+                   "--max-tokens", "2048", "--max-update", "2", "--truncate-source", "--max-target-length", "24",
+                   "--save-dir", tmp_path / "ckpt", "--no-epoch-checkpoints", "--cpu", "--num-workers", "0")
+    assert f"loading pretrained model from {out / 'model.pt'}" in proc.stdout
+    hub = ELMER.from_pretrained(tmp_path / "ckpt", data=tmp_path / "bin", bpe_dir=hf_dir, device="cpu")
+    assert len(hub.generate([rows[0]["document"]])) == 1
