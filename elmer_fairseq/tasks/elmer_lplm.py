@@ -7,6 +7,8 @@ seeded by (seed, epoch, index), so a resumed run sees the same data. The NAR dec
 [MASK] per target token and reconstructs the original document; LPLM samples an exit layer for
 every target token, k times per document, and runs the decoder on the k permutations as one
 batch over a single encoder pass (or on --lplm-chunk permutations at a time, same gradients).
+Training draws a document's exit layers from (seed, update, document id): distributed ranks, which
+hold different documents, draw different layers, and one process draws the same ones.
 
 Input: `fairseq-preprocess --only-source` of text with one sentence per line and a blank line
 between documents. A document longer than --tokens-per-sample is cut into blocks of whole
@@ -33,7 +35,7 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.denoising import DenoisingConfig, DenoisingTask
 
-from .elmer_translation import ElmerBatches, EverySampleEvaluated
+from .elmer_translation import ElmerBatches, EverySampleEvaluated, require_elmer
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +185,7 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
             item_transform_func=lambda source, target: (source, target[1:]),
         )
         dataset.full_stop_index = self.full_stop  # fairseq's default (EOS) finds no sentence inside a block
-        self.datasets[split] = ElmerBatches(dataset, self.dictionary, self.mask_idx, length=None)
+        self.datasets[split] = ElmerBatches(dataset, self.dictionary, self.mask_idx, length=None, seed=self.cfg.seed)
         logger.info(f"{split}: {len(dataset)} documents")
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
@@ -201,13 +203,28 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
         layers = torch.randint(1, model.decoder.num_layers + 1, size, generator=generator)
         return layers.to(target.device)
 
+    def document_exit_layers(self, sample, model, update_num: int):
+        """exit_layers for training: a document's layers are a function of (seed, update, document
+        id, permutation, position) alone (padding aside). Distributed ranks thus draw different
+        layers for their different documents (fairseq seeds torch alike on every rank: the global
+        generator would repeat one rank's draws on the others), a resumed run draws the same, and
+        a global batch gets the same layers whether one process or several train on it."""
+        target = sample["target"]
+        bsz, length, k = target.size(0), target.size(1), self.cfg.lplm_permutations
+        ids = sample["id"].detach().cpu().numpy().astype(np.uint64)
+        key = _mix(_mix(np.full(1, self.cfg.seed % 2**64, np.uint64)) ^ np.uint64(update_num))  # [1]
+        key = _mix(key ^ ids)  # [B]
+        perm, pos = np.arange(k, dtype=np.uint64), np.arange(length, dtype=np.uint64)
+        bits = _mix(_mix(key[None, :, None] ^ perm[:, None, None]) ^ (pos[None, None, :] * _GOLDEN))  # [k, B, T]
+        layers = 1 + (bits >> np.uint64(11)) % np.uint64(model.decoder.num_layers)
+        return torch.from_numpy(layers.astype(np.int64).reshape(k * bsz, length)).to(target.device)
+
     @property
     def chunked(self) -> bool:
         return 0 < self.cfg.lplm_chunk < self.cfg.lplm_permutations
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        # fairseq seeds torch by (seed, update) before every step, so resumed runs draw the same layers
-        sample["net_input"]["exit_layers"] = self.exit_layers(sample, model)
+        sample["net_input"]["exit_layers"] = self.document_exit_layers(sample, model, update_num)
         if not self.chunked:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         if is_torch_ddp(model):
@@ -260,7 +277,20 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
     def build_model(self, cfg, from_checkpoint=False):
         # LPLM picks exit layers itself: no exit threshold, no soft-exit layer
         cfg.exit_mode, cfg.exit_threshold = "lplm", None
-        return super().build_model(cfg, from_checkpoint)
+        return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    """splitmix64's finalizer on a uint64 array (wraps modulo 2**64): a well-mixed hash."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def lplm_decoder(model, encoder_out):
