@@ -10,7 +10,8 @@ sample at batch size 1 in one process, all systems alike (same thread count, war
 torch.cuda.synchronize() before reading the clock on GPU). Systems ending in "-kd" train on the
 training split re-labelled by the trained autoregressive Transformer (sequence-level knowledge
 distillation, greedy decoding: fairseq's usual NAT recipe). A sweep of hard exit's delta gives
-the share of tokens per exit layer and the quality at each delta.
+the share of tokens per exit layer and the quality at each delta. The distilled data is made once,
+from the Transformer as it is when the first -kd system trains.
 
     python examples/benchmark.py --data data/bench/qg/bin --out results/benchmark/qg [--device cuda]
 
@@ -340,7 +341,10 @@ def main():
                 results.append({"system": system, "error": errors[name]})
                 continue
             done = args.out / "rows" / (re.sub(r"\W+", "-", system) + ".json")
-            if done.exists():  # finished in an earlier run: an interrupted benchmark continues
+            updates = trained_updates(ckpts[name])
+            # finished in an earlier run from the same checkpoint: an interrupted benchmark continues,
+            # and one rerun with more --updates trains further and scores again
+            if done.exists() and json.loads(done.read_text()).get("updates") == updates:
                 results.append(json.loads(done.read_text()))
                 continue
             step = "generate"
@@ -348,6 +352,7 @@ def main():
                 row = quality(system, ckpts[name], gen_flags, args, device_flags, refs, re.sub(r"\W+", "-", system))
                 step = "latency"
                 row["ms_per_sample"] = latency(ckpts[name], gen_flags, args, args.device)
+                row["updates"] = updates
                 results.append(row)
                 done.write_text(json.dumps(row))
             except Exception as e:  # noqa: BLE001
