@@ -5,11 +5,11 @@
 # Transformer's distilled outputs. Tiny models (2+2 layers, d=128, 4k BPE) so that 2 cores
 # get through it in about 2 hours; results/benchmark-cpu/TASK/ gets results.md/.csv, samples.md
 # and the delta sweep. Resumable: rerun the same command after an interruption.
-# Run it as `make benchmark-cpu` (builds .venv first). Knobs: UPDATES (per system, default 1200), PARALLEL (trainings at once, default 2), OUT.
+# Run it as `make benchmark-cpu` (builds .venv first). Knobs: UPDATES (per system, default 1000), PARALLEL (trainings at once, default 2), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import fairseq, tokenizers" 2>/dev/null || { echo "run it as: make benchmark-cpu (needs .venv)"; exit 1; }
-UPDATES=${UPDATES:-1200}
+UPDATES=${UPDATES:-1000}
 PARALLEL=${PARALLEL:-2}
 OUT=${OUT:-results/benchmark-cpu}
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
@@ -28,7 +28,7 @@ for spec in "qg:--valid 50 --max-source-tokens 128 --max-target-tokens 32:32" \
   mkdir -p "$OUT/$task"
   python examples/benchmark.py --data "data/bench/$task/bin" --out "$OUT/$task" --device cpu \
     --systems transformer elmer-soft elmer-hard cmlm levt elmer-soft-kd cmlm-kd \
-    --layers 2 --dim 128 --max-target-length "$length" --updates "$UPDATES" --max-tokens 4096 \
+    --layers 2 --dim 128 --max-target-length "$length" --updates "$UPDATES" --max-tokens 2048 \
     --lr 1e-3 --warmup 150 --parallel "$PARALLEL" --train-threads 1 --threads 1 2>&1 \
     | tee -a "$OUT/$task/run.log" | grep -E "^training|^distilled|^\||failed" || true
 done
