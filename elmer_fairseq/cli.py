@@ -8,6 +8,13 @@ import sys
 from tqdm import tqdm
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="elmer-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -16,14 +23,12 @@ def parse_args(argv=None):
     p.add_argument("--bpe-dir", help="folder with vocab.json and merges.txt of the byte-level BPE (--bpe byte_bpe_ids)")
     p.add_argument("--input", default="-", help="input file, one input per line (default: stdin)")
     p.add_argument("--exit-threshold", type=float, help="hard exit's delta (hard-exit checkpoints only)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
 
 
-def read_lines(name: str):
-    raw = sys.stdin.buffer.read() if name == "-" else open(name, "rb").read()
-    where = "stdin" if name == "-" else name
+def read_lines(raw: bytes, where: str):
     lines = []
     for lineno, line in enumerate(raw.splitlines(), 1):
         try:
@@ -40,13 +45,18 @@ def main(argv=None):
     args = parse_args(argv)
     from . import ELMER  # after argument parsing: --help should not wait for torch and fairseq
 
-    lines = read_lines(args.input)
+    where = "stdin" if args.input == "-" else args.input
+    lines = read_lines(sys.stdin.buffer.read() if args.input == "-" else open(args.input, "rb").read(), where)
+    if not lines:
+        print(f"elmer-generate: {where} holds no input lines; nothing to do", file=sys.stderr)
+        return
     model = ELMER.from_pretrained(args.path, data=args.data, bpe_dir=args.bpe_dir, device=args.device)
     step = args.batch_size
     with tqdm(total=len(lines), unit="line", disable=len(lines) <= step, file=sys.stderr) as progress:
         for start in range(0, len(lines), step):
             chunk = lines[start: start + step]
-            for text in model.generate(chunk, exit_threshold=args.exit_threshold, batch_size=step):
+            names = [f"{where}:{start + i + 1}" for i in range(len(chunk))]  # read_lines kept every line
+            for text in model.generate(chunk, exit_threshold=args.exit_threshold, batch_size=step, names=names):
                 print(text, flush=False)
             progress.update(len(chunk))
     sys.stdout.flush()

@@ -36,6 +36,9 @@ class ELMER(GeneratorHubInterface):
                                if (checkpoint / f).is_file()), checkpoint / "checkpoint_best.pt")
         if not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+        if not Path(data).is_dir():  # fairseq would go on with no data folder and fail obscurely
+            raise FileNotFoundError(f"data folder {data} not found: pass the binarized data folder "
+                                    f"(fairseq-preprocess --destdir) the model was trained on")
         if bpe_dir is not None:
             overrides.update(bpe="byte_bpe_ids", bpe_vocab=str(Path(bpe_dir) / "vocab.json"),
                              bpe_merges=str(Path(bpe_dir) / "merges.txt"))
@@ -52,21 +55,23 @@ class ELMER(GeneratorHubInterface):
     def exit_mode(self) -> str:
         return self.models[0].decoder.exit_mode
 
-    def truncate(self, tokens: torch.Tensor, line: int) -> torch.Tensor:
+    def truncate(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
         """Cuts an input longer than the encoder's positions (keeping its EOS), with a warning."""
         limit = self.max_positions[0] if isinstance(self.max_positions, tuple) else self.max_positions
         if limit is None or tokens.numel() <= limit:
             return tokens
-        logger.warning(f"input {line}: {tokens.numel()} tokens, cut to the model's {limit} source positions")
+        logger.warning(f"{name}: {tokens.numel()} tokens, cut to the model's {limit} source positions")
         return torch.cat([tokens[: limit - 1], tokens[-1:]])
 
     @torch.no_grad()
     def generate(self, sentences: List[str], exit_mode: Optional[str] = None, exit_threshold: Optional[float] = None,
-                 batch_size: int = 32, return_details: bool = False) -> Union[List[str], List[Dict]]:
+                 batch_size: int = 32, return_details: bool = False,
+                 names: Optional[List[str]] = None) -> Union[List[str], List[Dict]]:
         """Raw strings in, generated strings out (in input order), one decoder pass per batch.
 
         exit_mode must be the checkpoint's (or None); exit_threshold is hard exit's delta.
         With return_details, each result is a dict: text, tokens, exit_layers, scores.
+        names: what errors and warnings call each input (default "input i", 0-based).
         """
         if isinstance(sentences, str):
             raise TypeError("generate takes a list of strings")
@@ -75,8 +80,14 @@ class ELMER(GeneratorHubInterface):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _, threshold = resolve_exit_options(self.exit_mode, exit_threshold)
+        names = names or [f"input {i}" for i in range(len(sentences))]
+        if len(names) != len(sentences):
+            raise ValueError(f"{len(names)} names for {len(sentences)} inputs")
+        blank = [name for name, s in zip(names, sentences) if not s.strip()]
+        if blank:  # the model would still write something for it
+            raise ValueError(f"{blank[0]}: empty input ({len(blank)} of the {len(sentences)} inputs are empty)")
         generator = ElmerGenerator(self.tgt_dict, self.task.cfg.max_target_length, threshold, summary=False)
-        tokens = [self.truncate(self.encode(s), i) for i, s in enumerate(sentences)]
+        tokens = [self.truncate(self.encode(s), name) for name, s in zip(names, sentences)]
         with open_dict(self.cfg):
             self.cfg.dataset.batch_size, self.cfg.dataset.max_tokens = batch_size, None
         results = {}

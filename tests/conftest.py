@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny ELMER built through fairseq's own registries, and tiny real data."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ from fairseq import options, tasks
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 XSUM_TINY = ROOT / "tests" / "data" / "xsum-tiny.jsonl"
+USER_DIR = ROOT / "elmer_fairseq"
+TINY = ["--arch", "elmer_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--encoder-layers", "1",
+        "--decoder-layers", "2"]
 
 
 def tiny_model(data_dir, exit_mode="soft", exit_threshold=None, per_layer=False, layers=3):
@@ -61,15 +66,63 @@ def xsum_tiny(tmp_path_factory):
     return dest
 
 
-def run_cli(tool: str, *argv, check=True, env=None):
-    """Runs a real fairseq console script; returns the CompletedProcess (stdout+stderr merged)."""
+def cli_env(env=None):
+    """The environment of a console script run by a test."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # our checkpoints must load safely
+    return full_env
+
+
+def run_cli(tool: str, *argv, check=True, env=None, stdin=None):
+    """Runs a real fairseq console script (stdin: text to feed it); returns the CompletedProcess
+    (stdout+stderr merged)."""
     proc = subprocess.run([str(BIN / tool), *map(str, argv)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT)
+                          stderr=subprocess.STDOUT, text=True, env=cli_env(env), cwd=ROOT, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     return proc
+
+
+def train_args(data, save_dir, *extra, updates=4):
+    """fairseq-train arguments for a tiny elmer_translation run."""
+    return [data, "--user-dir", USER_DIR, "--task", "elmer_translation", *TINY,
+            "--criterion", "elmer_loss", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "2048",
+            "--max-update", updates, "--max-target-length", "24", "--save-dir", save_dir,
+            "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--log-format", "simple",
+            "--log-interval", "1", *extra]
+
+
+def generate_args(data, checkpoint, *extra):
+    """fairseq-generate arguments for the test split."""
+    return [data, "--user-dir", USER_DIR, "--task", "elmer_translation", "--path", checkpoint,
+            "--gen-subset", "test", "--iter-decode-max-iter", "0", "--beam", "1", "--batch-size", "3",
+            "--max-target-length", "24", "--cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained(xsum_tiny, tmp_path_factory):
+    """A soft and a hard checkpoint, each trained a few updates by the real fairseq-train."""
+    out = {}
+    for mode in ("soft", "hard"):
+        save = tmp_path_factory.mktemp(f"ckpt_{mode}")
+        run_cli("fairseq-train", *train_args(xsum_tiny, save, "--exit-mode", mode))
+        out[mode] = save / "checkpoint_last.pt"
+    return out
+
+
+def hypotheses(stdout):
+    """fairseq-generate's H- lines: {sample id: text}."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^H-(\d+)\t\S+\t?(.*)$", stdout, re.M)}
+
+
+def expect_failure(tool, argv, *needles, env=None):
+    """Runs `tool`, which must fail with every needle in the end of its output; returns all its output."""
+    proc = run_cli(tool, *argv, check=False, env=env)
+    assert proc.returncode != 0
+    tail = proc.stdout[-3000:]
+    for needle in needles:
+        assert needle in tail, f"{needle!r} not in the error output:\n{tail}"
+    return proc.stdout
 
 
 def sample_batch(task, split="test", size=4):

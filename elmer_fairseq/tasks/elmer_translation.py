@@ -4,14 +4,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data import BaseWrapperDataset, data_utils, indexed_dataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
 
 from ..generator import ElmerGenerator
-from ..models.elmer import EXIT_MODES, MASK_SYMBOL
+from ..models.elmer import EXIT_MODES, MASK_SYMBOL, ElmerModel
 from ..ops import prepare as prepare_off_ramp
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class ElmerTranslationConfig(TranslationConfig):
                           f"below it (default {DEFAULT_EXIT_THRESHOLD}; 0 = never exit early). "
                           f"Only with --exit-mode hard"},
     )
+    seed: int = II("common.seed")
 
 
 def resolve_exit_options(mode: Optional[str], threshold: Optional[float]):
@@ -56,6 +59,16 @@ def resolve_exit_options(mode: Optional[str], threshold: Optional[float]):
     return mode, threshold
 
 
+def require_elmer(model, cfg):
+    """ELMER's tasks train and decode ELMER models only; another model (a checkpoint of fairseq's
+    `transformer`, say) would fail later, deep inside loading or decoding."""
+    if not isinstance(model, ElmerModel):
+        arch = getattr(cfg, "arch", None) or getattr(cfg, "_name", None)
+        raise ValueError(f"this is a {type(model).__name__} (--arch {arch}), not an ELMER model: the ELMER "
+                         f"tasks need --arch elmer_base, elmer_tiny, ... or a checkpoint trained with one")
+    return model
+
+
 class ElmerBatches(BaseWrapperDataset):
     """Collates pairs for the NAR decoder: one [MASK] input per position, targets y + EOS.
 
@@ -63,10 +76,17 @@ class ElmerBatches(BaseWrapperDataset):
     at inference; with None, T is the batch's longest target (pretraining reconstructs it all).
     """
 
-    def __init__(self, dataset, dictionary, mask_idx: int, length: Optional[int]):
+    def __init__(self, dataset, dictionary, mask_idx: int, length: Optional[int], seed: int):
         super().__init__(dataset)
         self.pad, self.eos = dictionary.pad(), dictionary.eos()
-        self.mask_idx, self.length = mask_idx, length
+        self.mask_idx, self.length, self.seed = mask_idx, length, seed
+
+    def ordered_indices(self):
+        # fairseq draws this order (which samples share a batch) under --seed + epoch and keeps the
+        # batches of the epoch a run starts in: a run resumed in epoch 2 or later would batch
+        # differently from an uninterrupted one. Epoch 1's draw in every epoch batches them alike.
+        with data_utils.numpy_seed(self.seed + 1):
+            return self.dataset.ordered_indices()
 
     def collater(self, samples):
         batch = self.dataset.collater(samples)
@@ -106,11 +126,25 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     cfg: ElmerTranslationConfig
 
     @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        folder = utils.split_paths(cfg.data)[0]
+        # fairseq fails with a bare listdir error, or "Could not infer language pair"
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data folder {folder} not found: pass the --destdir of fairseq-preprocess")
+        if (cfg.source_lang is None or cfg.target_lang is None) and data_utils.infer_language_pair(folder)[0] is None:
+            raise FileNotFoundError(f"data folder {folder} holds no binarized splits (train.src-tgt.src.bin, ...): "
+                                    f"pass the --destdir of fairseq-preprocess")
+        return super().setup_task(cfg, **kwargs)
+
+    @classmethod
     def load_dictionary(cls, filename):
         if not os.path.exists(filename):
             raise FileNotFoundError(f"dictionary {filename} not found: binarize the data with "
-                                    f"fairseq-preprocess (see examples/prepare_xsum.py)")
-        dictionary = super().load_dictionary(filename)
+                                    f"fairseq-preprocess (see examples/prepare.py)")
+        try:
+            dictionary = super().load_dictionary(filename)
+        except ValueError as e:  # fairseq quotes the bad line but not the file
+            raise ValueError(f"{filename}: {e}") from None
         dictionary.add_symbol(MASK_SYMBOL)
         return dictionary
 
@@ -143,7 +177,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         self.check_lengths(split, src.sizes, tgt.sizes)
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         self.datasets[split] = ElmerBatches(self.datasets[split], self.tgt_dict,
-                                            self.tgt_dict.index(MASK_SYMBOL), self.cfg.max_target_length)
+                                            self.tgt_dict.index(MASK_SYMBOL), self.cfg.max_target_length,
+                                            self.cfg.seed)
 
     def check_lengths(self, split, src_sizes, tgt_sizes):
         long_src = int((src_sizes > self.cfg.max_source_positions).sum())
@@ -159,6 +194,11 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
             logger.warning(f"{split}: {long_tgt} of {len(tgt_sizes)} targets are longer than "
                            f"--max-target-length {self.cfg.max_target_length} (EOS included); the "
                            f"model learns them cut to that length")
+        for side, sizes in (("source", src_sizes), ("target", tgt_sizes)):
+            blank = np.flatnonzero(sizes <= 1)  # only the EOS fairseq-preprocess appends: a blank raw line
+            if len(blank):
+                logger.warning(f"{split}: {len(blank)} of {len(sizes)} {side}s are empty (raw line "
+                               f"{', '.join(str(i + 1) for i in blank[:5])}{', ...' if len(blank) > 5 else ''})")
 
     def max_positions(self):
         # targets never limit batching: they are cut to --max-target-length
@@ -167,7 +207,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         if not from_checkpoint:  # a new model takes this run's exit options; a loaded one keeps its own
             cfg.exit_mode, cfg.exit_threshold = resolve_exit_options(self.cfg.exit_mode, self.cfg.exit_threshold)
-        return super().build_model(cfg, from_checkpoint)
+        return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
 
     def build_generator(self, models, args, **unused):
         if getattr(args, "iter_decode_max_iter", 0) != 0:
@@ -175,6 +215,9 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         if getattr(args, "beam", 1) != 1:
             raise ValueError("ELMER has no beam search (one pass, no length predictor): pass --beam 1")
         mode = models[0].decoder.exit_mode
+        if mode not in EXIT_MODES:
+            raise ValueError("this checkpoint was pretrained (--task elmer_lplm); fine-tune it before decoding: "
+                             "fairseq-train --task elmer_translation --finetune-from-model CHECKPOINT ...")
         if self.cfg.exit_mode not in (None, mode):
             raise ValueError(f"--exit-mode {self.cfg.exit_mode} does not match the checkpoint, which "
                              f"was fine-tuned with --exit-mode {mode}")
@@ -185,4 +228,15 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
             raise NotImplementedError("constrained decoding is not supported by ELMER")
-        return super().build_dataset_for_inference(src_tokens, src_lengths)
+        # raw text (fairseq-interactive) follows the rules of the binarized splits
+        limit = self.cfg.max_source_positions
+        for tokens in src_tokens:
+            if len(tokens) <= limit:
+                continue
+            if not self.cfg.truncate_source:
+                raise ValueError(f"an input of {len(tokens)} tokens is longer than --max-source-positions "
+                                 f"{limit}; pass --truncate-source to cut it")
+            logger.warning(f"an input of {len(tokens)} tokens is cut to --max-source-positions {limit} "
+                           f"(--truncate-source)")
+        src_tokens = [t if len(t) <= limit else torch.cat([t[: limit - 1], t[-1:]]) for t in src_tokens]
+        return super().build_dataset_for_inference(src_tokens, [len(t) for t in src_tokens])
