@@ -68,7 +68,9 @@ def csrc_dir() -> Path:
 
 
 def _build_dir(kind: str, src: Path) -> Path:
-    digest = hashlib.sha256()
+    # ninja rebuilds when the command line changes, and it names the sources' folder and the
+    # interpreter's include paths: checkouts and virtualenvs must not share a folder
+    digest = hashlib.sha256(f"{src.resolve()}|{sys.prefix}".encode())
     for name in _SOURCES[kind] + _HEADERS:
         digest.update((src / name).read_bytes())
     tag = f"torch{torch.__version__}"
