@@ -46,7 +46,6 @@ NAT = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-ini
 NAT_GEN = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1"]
 NAR = ("elmer-soft", "elmer-hard", "cmlm", "levt")  # the systems that have a "-kd" twin
 NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR)]
-DELTAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def systems(args):
@@ -203,7 +202,7 @@ def latency(ckpt, gen_flags, args, device):
 def delta_sweep(ckpt, args, device_flags, refs):
     rows = []
     hard = systems(args)["elmer-hard"][1]["ELMER-Hard (delta=0.5)"]
-    for delta in DELTAS:
+    for delta in args.deltas:
         row = quality(f"delta={delta}", ckpt, hard[:-1] + [str(delta)], args, device_flags, refs,
                       f"elmer-hard-delta{delta}")
         text = (args.out / "logs" / f"gen-elmer-hard-delta{delta}.txt").read_text()
@@ -296,6 +295,8 @@ def main():
     p.add_argument("--train-threads", type=int, default=1, help="torch threads per training process (default: 1)")
     p.add_argument("--warmup-samples", type=int, default=10, help="untimed samples before timing")
     p.add_argument("--threads", type=int, default=1, help="torch threads for CPU timing (same for every system)")
+    p.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="hard-exit thresholds of the sweep, in nats (default: 0 0.25 0.5 0.75 1)")
     p.add_argument("--show", type=int, default=5, help="test outputs per system written to samples.md")
     p.add_argument("--wordnet", type=Path, default=Path("data/nltk_data"), help="WordNet cache for METEOR")
     args = p.parse_args()
