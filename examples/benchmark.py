@@ -109,6 +109,8 @@ def train(name, flags, data, args, device_flags):
         return save / "checkpoint_last.pt", None
     save.mkdir(parents=True, exist_ok=True)
     every = str(max(100, args.updates // 5))
+    if "--user-dir" not in flags:  # its checkpoint allow-list lets fairseq's resume load with torch's safe default
+        flags = ["--user-dir", HERE.parent / "elmer_fairseq", *flags]
     argv = [data, *flags, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,

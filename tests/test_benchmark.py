@@ -99,10 +99,10 @@ def bench_data(tmp_path_factory):
     return out
 
 
-def benchmark(data, out, *systems):
+def benchmark(data, out, *systems, updates=3):
     cmd = [sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin", "--out", out, "--device", "cpu",
            "--systems", *systems, "--layers", "1", "--dim", "32", "--heads", "2", "--max-target-length", "16",
-           "--updates", "3", "--warmup", "1", "--max-tokens", "1024", "--warmup-samples", "1", "--show", "2",
+           "--updates", str(updates), "--warmup", "1", "--max-tokens", "1024", "--warmup-samples", "1", "--show", "2",
            "--wordnet", ROOT / "data" / "nltk_data"]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -140,6 +140,13 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path):
     assert "ELMER-Soft" in rows and rows["ELMER-Soft"]["error"]
     assert not rows["ELMER-Soft + KD"]["error"] and not rows["Transformer (AR, greedy)"]["error"]
     assert "training" not in proc.stdout  # nothing was retrained
+
+    # more updates: the baseline resumes from its checkpoint (fairseq-train loads it safely) and is rescored
+    proc = benchmark(bench_data, out, "transformer", updates=5)
+    assert "training transformer" in proc.stdout
+    rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert not rows["Transformer (AR, greedy)"]["error"]
+    assert json.loads((out / "rows" / "Transformer-AR-greedy-.json").read_text())["updates"] == 5
 
 
 def test_benchmark_refuses_distillation_without_the_teacher(bench_data, tmp_path):
