@@ -339,16 +339,17 @@ def main():
     for job in running:
         wait(*job)
     for name in order:
+        updates = None if name in errors else trained_updates(ckpts[name])
         for system, gen_flags in table[name][1].items():
             if name in errors:
                 results.append({"system": system, "error": errors[name]})
                 continue
             done = args.out / "rows" / (re.sub(r"\W+", "-", system) + ".json")
-            updates = trained_updates(ckpts[name])
+            earlier = json.loads(done.read_text()) if done.exists() else {}
             # finished in an earlier run from the same checkpoint: an interrupted benchmark continues,
             # and one rerun with more --updates trains further and scores again
-            if done.exists() and json.loads(done.read_text()).get("updates") == updates:
-                results.append(json.loads(done.read_text()))
+            if earlier.get("updates") == updates:
+                results.append(earlier)
                 continue
             step = "generate"
             try:

@@ -10,7 +10,6 @@ Degeneracy: share of empty outputs and of outputs with a word repeated back to b
 """
 import io
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -61,11 +60,10 @@ def wordnet(cache: Path) -> Path:
 
 
 def meteor(hyps, refs, cache: Path):
-    os.environ["NLTK_DATA"] = str(wordnet(cache))
     import nltk
     from nltk.translate.meteor_score import meteor_score
 
-    if str(cache) not in nltk.data.path:
+    if str(wordnet(cache)) not in nltk.data.path:
         nltk.data.path.insert(0, str(cache))
     return {"meteor": 100 * statistics.mean(meteor_score([r.lower().split()], h.lower().split())
                                             for h, r in zip(hyps, refs))}
