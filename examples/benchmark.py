@@ -9,7 +9,10 @@ continues), decodes the test split with fairseq-generate for quality, and times 
 sample at batch size 1 in one process, all systems alike (same thread count, warm-up, median,
 torch.cuda.synchronize() before reading the clock on GPU). Systems ending in "-kd" train on the
 training split re-labelled by the trained autoregressive Transformer (sequence-level knowledge
-distillation, greedy decoding: fairseq's usual NAT recipe). A sweep of hard exit's delta gives
+distillation, greedy decoding: fairseq's usual NAT recipe). "elmer-soft-lplm" is ELMER-Soft
+fine-tuned from an ELMER pretrained with --task elmer_lplm (--pretrain-updates, k = --lplm-permutations)
+on the task's own training text, sources and targets as documents (no test text): the paper's
+recipe at the scale of the data at hand, its pretraining updates on top of the common budget. A sweep of hard exit's delta gives
 the share of tokens per exit layer and the quality at each delta. The distilled data is made once,
 from the Transformer as it is when the first -kd system trains.
 
@@ -45,7 +48,7 @@ NAT = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-ini
        "--decoder-learned-pos", "--label-smoothing", "0.1"]
 NAT_GEN = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1"]
 NAR = ("elmer-soft", "elmer-hard", "cmlm", "levt")  # the systems that have a "-kd" twin
-NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR)]
+NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR), "elmer-soft-lplm"]
 
 
 def systems(args):
@@ -75,6 +78,9 @@ def systems(args):
     for name in NAR:
         flags, gens = out[name]
         out[f"{name}-kd"] = (flags, {f"{system} + KD": gen for system, gen in gens.items()})
+    # fairseq-train starts from the pretrained weights only while the run has no checkpoint of its own
+    out["elmer-soft-lplm"] = (out["elmer-soft"][0] + ["--finetune-from-model", pretrained_checkpoint(args)],
+                              {"ELMER-Soft + LPLM pretraining": elmer_gen})
     return out
 
 
@@ -103,19 +109,19 @@ def trained_updates(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu")["optimizer_history"][-1]["num_updates"]
 
 
-def train(name, flags, data, args, device_flags):
-    save = args.out / "checkpoints" / name
-    if trained_updates(save / "checkpoint_last.pt") >= args.updates:
+def train(name, flags, data, args, device_flags, updates=None):
+    save, updates = args.out / "checkpoints" / name, updates or args.updates
+    if trained_updates(save / "checkpoint_last.pt") >= updates:
         return save / "checkpoint_last.pt", None
     save.mkdir(parents=True, exist_ok=True)
-    every = str(max(100, args.updates // 5))
+    every = str(max(100, updates // 5))
     if "--user-dir" not in flags:  # its checkpoint allow-list lets fairseq's resume load with torch's safe default
         flags = ["--user-dir", HERE.parent / "elmer_fairseq", *flags]
     argv = [data, *flags, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,
             "--required-batch-size-multiple", "1",  # fairseq drops the samples that do not fill a multiple
-            "--max-update", args.updates, "--save-dir", save, "--no-epoch-checkpoints",
+            "--max-update", updates, "--save-dir", save, "--no-epoch-checkpoints",
             "--save-interval-updates", every, "--keep-interval-updates", "1", "--log-format", "simple",
             # validate and save every `every` updates and at the end, not after every (tiny) epoch
             "--validate-interval-updates", every, "--validate-interval", "10000", "--save-interval", "10000",
@@ -154,6 +160,36 @@ def distill(ar_ckpt, args, device_flags) -> Path:
         if not f.name.startswith("train.") and not (kd / "bin" / f.name).exists():
             (kd / "bin" / f.name).symlink_to(f.resolve())
     return kd / "bin"
+
+
+def pretrained_checkpoint(args) -> Path:
+    return args.out / "checkpoints" / "lplm-pretrain" / "checkpoint_last.pt"
+
+
+def pretrain(args, device_flags) -> Path:
+    """ELMER pretrained with LPLM on the task's training (and valid) text: each distinct source and
+    target line is a document, in the task's own BPE and dictionary, so the weights fine-tune as they are."""
+    corpus = args.out / "lplm-data"
+    if not (corpus / "bin" / "train.idx").exists():
+        corpus.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "valid"):
+            lines = dict.fromkeys(line for side in ("src", "tgt") for line in
+                                  (args.data.parent / f"{split}.{side}").read_text(encoding="utf-8").splitlines()
+                                  if line.strip())
+            (corpus / f"{split}.ids").write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+        fairseq("preprocess", "--only-source", "--srcdict", args.data / "dict.src.txt", "--trainpref",
+                corpus / "train.ids", "--validpref", corpus / "valid.ids", "--destdir", corpus / "bin",
+                "--workers", "2", log=args.out / "logs" / "lplm-preprocess.txt")
+    flags = ["--user-dir", HERE.parent / "elmer_fairseq", "--task", "elmer_lplm", "--bpe-dir", args.data.parent,
+             "--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0.1",
+             "--lplm-permutations", args.lplm_permutations, "--tokens-per-sample", "128",
+             "--shorten-method", "truncate"]
+    ckpt, proc = train("lplm-pretrain", flags, corpus / "bin", args, device_flags, updates=args.pretrain_updates)
+    if proc is not None:
+        print(f"pretraining ELMER with LPLM ({args.pretrain_updates} updates, k={args.lplm_permutations})", flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"exit {proc.returncode}, see logs/train-lplm-pretrain.log")
+    return ckpt
 
 
 def quality(system, ckpt, gen_flags, args, device_flags, refs, log_name):
@@ -295,6 +331,11 @@ def main():
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--parallel", type=int, default=1, help="systems trained at the same time")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads per training process (default: 1)")
+    p.add_argument("--pretrain-updates", type=int, default=2000,
+                   help="elmer-soft-lplm: LPLM pretraining updates before its --updates of fine-tuning (default: 2000)")
+    p.add_argument("--lplm-permutations", type=int, default=2,
+                   help="elmer-soft-lplm: permutations k per document (default 2: the paper's 10 costs ~2x per "
+                        "update on CPU)")
     p.add_argument("--warmup-samples", type=int, default=10, help="untimed samples before timing")
     p.add_argument("--threads", type=int, default=1, help="torch threads for CPU timing (same for every system)")
     p.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -320,16 +361,20 @@ def main():
 
     for name in order:  # training, up to --parallel systems at a time
         try:
-            data = args.data
+            data, step = args.data, "distill" if name.endswith("-kd") else "train"
             if name.endswith("-kd"):
                 while any(n == "transformer" for n, _ in running):
                     wait(*running.pop(0))
                 if "transformer" in errors or "transformer" not in ckpts:
                     raise RuntimeError("the autoregressive transformer did not train")
                 data = distill(ckpts["transformer"], args, device_flags)
+            if name == "elmer-soft-lplm":
+                step = "pretrain"
+                pretrain(args, device_flags)
+                step = "train"
             ckpts[name], proc = train(name, table[name][0], data, args, device_flags)
         except Exception as e:  # noqa: BLE001 (reported in the table)
-            errors[name] = f"{'distill' if name.endswith('-kd') else 'train'}: {e}"
+            errors[name] = f"{step}: {e}"
             continue
         if proc is not None:
             print(f"training {name} ({args.updates} updates)", flush=True)

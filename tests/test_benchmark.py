@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, XSUM_TINY
 
@@ -55,6 +56,22 @@ def test_dialogue_samples_are_previous_turns_to_next_turn(tmp_path):
     assert chat_b == [(f"hi there{sep}hello", "how are you?"), (f"hello{sep}how are you?", "fine")]
 
 
+def test_boolq_groups_questions_by_passage_with_the_answer_first_and_drops_unanswered(tmp_path):
+    rows = [{"passage": "Mars -- Mars is  a planet.", "question": "is mars a planet", "label": True},
+            {"passage": "Mars -- Mars is a planet.", "question": "is mars a star", "label": False},
+            {"passage": "Venus -- Venus is hot.", "question": "is venus cold"},  # BoolQ's unanswered test part
+            {"passage": "Venus -- Venus is hot.", "question": "is venus hot", "label": True}]
+    path = tmp_path / "boolq.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    sep = f" {prepare.SEP} "
+    assert prepare.boolq_groups(path) == [[(f"yes{sep}Mars -- Mars is a planet.", "is mars a planet"),
+                                           (f"no{sep}Mars -- Mars is a planet.", "is mars a star")],
+                                          [(f"yes{sep}Venus -- Venus is hot.", "is venus hot")]]
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "no passage"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"boolq.jsonl:2: not a BoolQ record"):
+        prepare.boolq_groups(path)
+
+
 def test_split_never_crosses_groups_and_is_fixed_by_the_seed():
     groups = [[(f"src {g} {i}", f"tgt {g}") for i in range(g % 3 + 1)] for g in range(40)]
     splits = prepare.split_groups(groups, seed=3, valid=5, test=5)
@@ -99,11 +116,11 @@ def bench_data(tmp_path_factory):
     return out
 
 
-def benchmark(data, out, *systems, updates=3):
+def benchmark(data, out, *systems, updates=3, extra=()):
     cmd = [sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin", "--out", out, "--device", "cpu",
            "--systems", *systems, "--layers", "1", "--dim", "32", "--heads", "2", "--max-target-length", "16",
            "--updates", str(updates), "--warmup", "1", "--max-tokens", "1024", "--warmup-samples", "1", "--show", "2",
-           "--wordnet", ROOT / "data" / "nltk_data"]
+           "--wordnet", ROOT / "data" / "nltk_data", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -152,3 +169,31 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path):
 def test_benchmark_refuses_distillation_without_the_teacher(bench_data, tmp_path):
     proc = benchmark(bench_data, tmp_path, "elmer-soft-kd")
     assert proc.returncode != 0 and "add 'transformer'" in proc.stderr
+
+
+def test_lplm_system_pretrains_on_training_text_then_fine_tunes_from_it(bench_data, tmp_path):
+    out = tmp_path / "results"
+    proc = benchmark(bench_data, out, "elmer-soft-lplm", extra=["--pretrain-updates", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pretraining ELMER with LPLM (4 updates, k=2)" in proc.stdout
+    [row] = list(csv.DictReader((out / "results.csv").open()))
+    assert row["system"] == "ELMER-Soft + LPLM pretraining" and not row["error"]
+    pretrained = out / "checkpoints" / "lplm-pretrain" / "checkpoint_last.pt"
+    assert torch.load(pretrained, map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"] == 4
+    assert f"loading pretrained model from {pretrained}" in (out / "logs" / "train-elmer-soft-lplm.log").read_text()
+    # documents are the distinct training and valid lines, never the test split's
+    documents = set((out / "lplm-data" / "train.ids").read_text().split("\n\n"))
+    documents = {d.strip() for d in documents}
+    train = {line for side in ("src", "tgt") for line in (bench_data / f"train.{side}").read_text().splitlines()}
+    assert documents == train
+    test_lines = (bench_data / "test.tgt").read_text().splitlines()
+    assert not documents & (set(test_lines) - train)
+
+    # a failed pretraining is reported as such, in the row, and the run still writes its table
+    (out / "rows" / "ELMER-Soft-LPLM-pretraining.json").unlink()
+    for ckpt in (pretrained, out / "checkpoints" / "elmer-soft-lplm" / "checkpoint_last.pt"):
+        ckpt.unlink()
+    (out / "lplm-data" / "bin" / "train.bin").write_bytes(b"")
+    proc = benchmark(bench_data, out, "elmer-soft-lplm", extra=["--pretrain-updates", "4"])
+    [row] = list(csv.DictReader((out / "results.csv").open()))
+    assert row["error"].startswith("pretrain: exit") and "train-lplm-pretrain.log" in row["error"]
