@@ -331,8 +331,8 @@ def main():
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--parallel", type=int, default=1, help="systems trained at the same time")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads per training process (default: 1)")
-    p.add_argument("--pretrain-updates", type=int, default=2000,
-                   help="elmer-soft-lplm: LPLM pretraining updates before its --updates of fine-tuning (default: 2000)")
+    p.add_argument("--pretrain-updates", type=int, default=1000,
+                   help="elmer-soft-lplm: LPLM pretraining updates before its --updates of fine-tuning (default: 1000)")
     p.add_argument("--lplm-permutations", type=int, default=2,
                    help="elmer-soft-lplm: permutations k per document (default 2: the paper's 10 costs ~2x per "
                         "update on CPU)")
