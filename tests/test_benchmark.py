@@ -94,6 +94,7 @@ def test_metrics_on_known_outputs(tmp_path):
     assert bad["rouge2"] == 0 and bad["empty"] == 50 and bad["repeat"] == 50
     assert bad["distinct1"] == 50 and bad["mean_len"] == 1
     assert metrics.bleu(["the cat", "x"], refs)["bleu1"] < metrics.bleu(refs, refs)["bleu1"]
+    assert metrics.collapse_repeats("the the cat sat sat sat on the mat the") == "the cat sat on the mat the"
     with pytest.raises(ValueError, match="1 hypotheses for 2 references"):
         metrics.all_metrics(refs[:1], refs, tmp_path)
 
