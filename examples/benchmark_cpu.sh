@@ -5,7 +5,7 @@
 # Transformer's distilled outputs; on question generation also ELMER-Soft fine-tuned from LPLM
 # pretraining. Tiny models (2+2 layers, d=128, 4k BPE); question generation, the one task with
 # enough data for them, gets 4,000 updates of <= 4,096 tokens, the others 1,000 of <= 2,048.
-# About 2.5 hours on 2 cores (question generation 1.7 of them); results/benchmark-cpu/TASK/ gets
+# About 3 hours on 2 cores (question generation 2 of them); results/benchmark-cpu/TASK/ gets
 # results.md/.csv, samples.md and the delta sweep (widened to 4 nats: a model this small is rarely
 # confident enough to exit at delta <= 1). Resumable: rerun the same command after an
 # interruption. Run it as `make benchmark-cpu` (builds .venv first).
