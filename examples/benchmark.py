@@ -50,6 +50,7 @@ NAT = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-ini
 NAT_GEN = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1"]
 NAR = ("elmer-soft", "elmer-hard", "cmlm", "levt")  # the systems that have a "-kd" twin
 NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR), "elmer-soft-lplm"]
+ELMER_TINY = ["--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0.1"]
 
 
 def systems(args):
@@ -57,7 +58,7 @@ def systems(args):
     length = str(args.max_target_length)
     elmer = ["--user-dir", str(HERE.parent / "elmer_fairseq"), "--task", "elmer_translation",
              "--max-target-length", length]
-    elmer_train = elmer + ["--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0.1"]
+    elmer_train = elmer + ELMER_TINY
     elmer_gen = elmer + ["--iter-decode-max-iter", "0", "--beam", "1"]
     nat_gen = NAT_GEN + ["--max-len-a", "0", "--max-len-b", length]
     ar_gen = ["--task", "translation", "--max-len-a", "0", "--max-len-b", length]
@@ -80,7 +81,8 @@ def systems(args):
         flags, gens = out[name]
         out[f"{name}-kd"] = (flags, {f"{system} + KD": gen for system, gen in gens.items()})
     # fairseq-train starts from the pretrained weights only while the run has no checkpoint of its own
-    out["elmer-soft-lplm"] = (out["elmer-soft"][0] + ["--finetune-from-model", pretrained_checkpoint(args)],
+    pretrained = last_checkpoint(args, "lplm-pretrain")
+    out["elmer-soft-lplm"] = (out["elmer-soft"][0] + ["--finetune-from-model", pretrained],
                               {"ELMER-Soft + LPLM pretraining": elmer_gen})
     return out
 
@@ -110,10 +112,15 @@ def trained_updates(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu")["optimizer_history"][-1]["num_updates"]
 
 
+def last_checkpoint(args, name) -> Path:
+    return args.out / "checkpoints" / name / "checkpoint_last.pt"
+
+
 def train(name, flags, data, args, device_flags, updates=None):
-    save, updates = args.out / "checkpoints" / name, updates or args.updates
-    if trained_updates(save / "checkpoint_last.pt") >= updates:
-        return save / "checkpoint_last.pt", None
+    ckpt, updates = last_checkpoint(args, name), updates or args.updates
+    if trained_updates(ckpt) >= updates:
+        return ckpt, None
+    save = ckpt.parent
     save.mkdir(parents=True, exist_ok=True)
     every = str(max(100, updates // 5))
     if "--user-dir" not in flags:  # its checkpoint allow-list lets fairseq's resume load with torch's safe default
@@ -129,8 +136,8 @@ def train(name, flags, data, args, device_flags, updates=None):
             "--log-interval", "100", "--seed", "1", "--num-workers", "0", *device_flags]
     log = (args.out / "logs" / f"train-{name}.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.train_threads), "MKL_NUM_THREADS": str(args.train_threads)}
-    return save / "checkpoint_last.pt", subprocess.Popen([*fairseq_cli("train"), *map(str, argv)], stdout=log,
-                                                         stderr=subprocess.STDOUT, env=env)
+    return ckpt, subprocess.Popen([*fairseq_cli("train"), *map(str, argv)], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env)
 
 
 def distill(ar_ckpt, args, device_flags) -> Path:
@@ -163,10 +170,6 @@ def distill(ar_ckpt, args, device_flags) -> Path:
     return kd / "bin"
 
 
-def pretrained_checkpoint(args) -> Path:
-    return args.out / "checkpoints" / "lplm-pretrain" / "checkpoint_last.pt"
-
-
 def pretrain(args, device_flags) -> Path:
     """ELMER pretrained with LPLM on the task's training (and valid) text: each distinct source and
     target line is a document, in the task's own BPE and dictionary, so the weights fine-tune as they are."""
@@ -182,8 +185,7 @@ def pretrain(args, device_flags) -> Path:
                 corpus / "train.ids", "--validpref", corpus / "valid.ids", "--destdir", corpus / "bin",
                 "--workers", "2", log=args.out / "logs" / "lplm-preprocess.txt")
     flags = ["--user-dir", HERE.parent / "elmer_fairseq", "--task", "elmer_lplm", "--bpe-dir", args.data.parent,
-             "--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0.1",
-             "--lplm-permutations", args.lplm_permutations, "--tokens-per-sample", "128",
+             *ELMER_TINY, "--lplm-permutations", args.lplm_permutations, "--tokens-per-sample", "128",
              "--shorten-method", "truncate"]
     ckpt, proc = train("lplm-pretrain", flags, corpus / "bin", args, device_flags, updates=args.pretrain_updates)
     if proc is not None:
@@ -369,7 +371,8 @@ def main():
                 if "transformer" in errors or "transformer" not in ckpts:
                     raise RuntimeError("the autoregressive transformer did not train")
                 data = distill(ckpts["transformer"], args, device_flags)
-            if name == "elmer-soft-lplm":
+            # a finished fine-tuning run needs no pretrained weights, even where they were deleted
+            if name == "elmer-soft-lplm" and trained_updates(last_checkpoint(args, name)) < args.updates:
                 step = "pretrain"
                 pretrain(args, device_flags)
                 step = "train"

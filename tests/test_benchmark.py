@@ -183,8 +183,7 @@ def test_lplm_system_pretrains_on_training_text_then_fine_tunes_from_it(bench_da
     assert torch.load(pretrained, map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"] == 4
     assert f"loading pretrained model from {pretrained}" in (out / "logs" / "train-elmer-soft-lplm.log").read_text()
     # documents are the distinct training and valid lines, never the test split's
-    documents = set((out / "lplm-data" / "train.ids").read_text().split("\n\n"))
-    documents = {d.strip() for d in documents}
+    documents = {d.strip() for d in (out / "lplm-data" / "train.ids").read_text().split("\n\n")}
     train = {line for side in ("src", "tgt") for line in (bench_data / f"train.{side}").read_text().splitlines()}
     assert documents == train
     test_lines = (bench_data / "test.tgt").read_text().splitlines()
