@@ -1,4 +1,4 @@
-"""Byte-level BPE whose pieces are written as ids (the files examples/prepare.py trains)."""
+"""Byte-level BPE whose pieces are written as ids (the files examples/TASK/prepare.py trains)."""
 import os
 
 from fairseq.data.encoders import register_bpe
@@ -14,7 +14,7 @@ class ByteBPEIds(HuggingFaceByteLevelBPE):
         for option, path in (("--bpe-vocab", cfg.bpe_vocab), ("--bpe-merges", cfg.bpe_merges)):
             if not os.path.isfile(path):  # the tokenizers library's error names no file
                 raise FileNotFoundError(f"{option} {path}: no such file (vocab.json and merges.txt are "
-                                        f"written beside the BPE-encoded data, e.g. by examples/prepare.py)")
+                                        f"written beside the BPE-encoded data, e.g. by examples/xsum/prepare.py)")
         super().__init__(cfg)
 
     def decode(self, x: str) -> str:

@@ -2,7 +2,7 @@
 """ELMER against fairseq's CMLM, LevT and an autoregressive Transformer on one task's data.
 
 Every system has the same size (--layers encoder and decoder layers, width --dim, FFN 4 x dim,
---heads heads, shared embeddings), the same data (examples/prepare.py, sources and targets cut at
+--heads heads, shared embeddings), the same data (examples/TASK/prepare.py, sources and targets cut at
 writing time for all of them) and the same number of updates. For each system it trains with
 fairseq-train (skipped when the checkpoint has reached --updates, so an interrupted run
 continues), decodes the test split with fairseq-generate for quality, and times every test
@@ -318,7 +318,7 @@ def plot_sweep(sweep, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("data/xsum-bench/bin"), help="binarized data (examples/prepare.py)")
+    p.add_argument("--data", type=Path, default=Path("data/xsum-bench/bin"), help="binarized data (examples/TASK/prepare.py)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--systems", nargs="+", default=NAMES[:5], choices=NAMES,
@@ -347,7 +347,7 @@ def main():
     p.add_argument("--wordnet", type=Path, default=Path("data/nltk_data"), help="WordNet cache for METEOR")
     args = p.parse_args()
     if not (args.data / "dict.src.txt").exists():
-        sys.exit(f"--data {args.data}: no dict.src.txt; prepare the data first (examples/prepare.py)")
+        sys.exit(f"--data {args.data}: no dict.src.txt; prepare the data first (examples/TASK/prepare.py)")
     if any(n.endswith("-kd") for n in args.systems) and "transformer" not in args.systems:
         sys.exit("--systems: the -kd systems learn from the autoregressive transformer; add 'transformer'")
     torch.set_num_threads(args.threads)

