@@ -21,8 +21,8 @@ TINY = ["--arch", "elmer_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embe
         "--decoder-layers", "2"]
 
 
-def tiny_model(data_dir, exit_mode="soft", exit_threshold=None, per_layer=False, layers=3):
-    """A 3-layer ELMER with fairseq's defaults for elmer_tiny, in eval mode, fixed seed."""
+def tiny_model(data_dir, exit_mode="soft", exit_threshold=None, per_layer=False, layers=3, extra=()):
+    """A 3-layer ELMER with fairseq's defaults for elmer_tiny, in eval mode, fixed seed (`extra`: more options)."""
     parser = options.get_training_parser()
     argv = [str(data_dir), "--user-dir", str(ROOT / "elmer_fairseq"), "--task", "elmer_translation",
             "--arch", "elmer_tiny", "--exit-mode", exit_mode, "--max-target-length", "12",
@@ -33,6 +33,7 @@ def tiny_model(data_dir, exit_mode="soft", exit_threshold=None, per_layer=False,
         argv += ["--exit-threshold", str(exit_threshold)]
     if per_layer:
         argv.append("--per-layer-off-ramps")
+    argv += list(extra)
     args = options.parse_args_and_arch(parser, argv)
     torch.manual_seed(0)
     task = tasks.setup_task(args)

@@ -143,6 +143,20 @@ def test_hard_exit_training_trains_every_off_ramp(xsum_tiny):
     assert model.decoder.soft_exit is None
 
 
+def test_eos_after_end_trains_every_position_after_the_end_to_predict_eos(xsum_tiny):
+    longer = ["--max-target-length", "40"]  # room after most summaries' EOS
+    task, model = tiny_model(xsum_tiny, extra=longer)
+    filled_task, _ = tiny_model(xsum_tiny, extra=[*longer, "--eos-after-end"])
+    plain, filled = sample_batch(task), sample_batch(filled_task)
+    after_end = plain["target"].eq(task.tgt_dict.pad())
+    assert after_end.any() and not after_end.all()
+    assert filled["target"][after_end].eq(task.tgt_dict.eos()).all()
+    assert filled["target"][~after_end].equal(plain["target"][~after_end])
+    assert filled["ntokens"] == filled["target"].numel() > plain["ntokens"]
+    terms = model(**filled["net_input"], tgt_tokens=filled["target"])
+    assert all(term["mask"].all() for term in terms.values())
+
+
 @given(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=9), min_size=1, max_size=5))
 def test_cut_at_first_eos(rows):
     eos, pad = 2, 1

@@ -42,6 +42,12 @@ class ElmerTranslationConfig(TranslationConfig):
                           f"below it (default {DEFAULT_EXIT_THRESHOLD}; 0 = never exit early). "
                           f"Only with --exit-mode hard"},
     )
+    eos_after_end: bool = field(
+        default=False,
+        metadata={"help": "train the positions after a target's EOS to predict EOS too, instead of ignoring "
+                          "them: the model learns where outputs end at every position up to T (the "
+                          "first EOS still ends the output)"},
+    )
     seed: int = II("common.seed")
 
 
@@ -73,13 +79,16 @@ class ElmerBatches(BaseWrapperDataset):
     """Collates pairs for the NAR decoder: one [MASK] input per position, targets y + EOS.
 
     With `length` T, targets are cut (keeping a final EOS) or padded to exactly T positions, as
-    at inference; with None, T is the batch's longest target (pretraining reconstructs it all).
+    at inference, with pad (ignored by the loss) or, with `eos_after_end`, with EOS (trained);
+    with None, T is the batch's longest target (pretraining reconstructs it all).
     """
 
-    def __init__(self, dataset, dictionary, mask_idx: int, length: Optional[int], seed: int):
+    def __init__(self, dataset, dictionary, mask_idx: int, length: Optional[int], seed: int,
+                 eos_after_end: bool = False):
         super().__init__(dataset)
         self.pad, self.eos = dictionary.pad(), dictionary.eos()
         self.mask_idx, self.length, self.seed = mask_idx, length, seed
+        self.fill = self.eos if eos_after_end else self.pad
 
     def ordered_indices(self):
         # fairseq draws this order (which samples share a batch) under --seed + epoch and keeps the
@@ -99,6 +108,7 @@ class ElmerBatches(BaseWrapperDataset):
                 cut = target[:, -1].ne(self.pad) & target[:, -1].ne(self.eos)
                 target[cut, -1] = self.eos
             target = torch.nn.functional.pad(target, (0, self.length - target.size(1)), value=self.pad)
+            target = target.masked_fill(target.eq(self.pad), self.fill)
         batch["target"] = target
         batch["net_input"]["prev_output_tokens"] = torch.full_like(target, self.mask_idx)
         batch["ntokens"] = int(target.ne(self.pad).sum())
@@ -178,7 +188,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         self.datasets[split] = ElmerBatches(self.datasets[split], self.tgt_dict,
                                             self.tgt_dict.index(MASK_SYMBOL), self.cfg.max_target_length,
-                                            self.cfg.seed)
+                                            self.cfg.seed, self.cfg.eos_after_end)
 
     def check_lengths(self, split, src_sizes, tgt_sizes):
         long_src = int((src_sizes > self.cfg.max_source_positions).sum())
