@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def systems(args):
     length = str(args.max_target_length)
     elmer = ["--user-dir", str(HERE.parent / "elmer_fairseq"), "--task", "elmer_translation",
              "--max-target-length", length]
-    elmer_train = elmer + ELMER_TINY
+    elmer_train = elmer + ELMER_TINY + shlex.split(args.elmer_options)
     elmer_gen = elmer + ["--iter-decode-max-iter", "0", "--beam", "1"]
     nat_gen = NAT_GEN + ["--max-len-a", "0", "--max-len-b", length]
     ar_gen = ["--task", "translation", "--max-len-a", "0", "--max-len-b", length]
@@ -125,7 +126,7 @@ def train(name, flags, data, args, device_flags, updates=None):
     every = str(max(100, updates // 5))
     if "--user-dir" not in flags:  # its checkpoint allow-list lets fairseq's resume load with torch's safe default
         flags = ["--user-dir", HERE.parent / "elmer_fairseq", *flags]
-    argv = [data, *flags, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
+    argv = [data, *size_flags(args), *flags, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,
             "--required-batch-size-multiple", "1",  # fairseq drops the samples that do not fill a multiple
@@ -334,6 +335,10 @@ def main():
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--parallel", type=int, default=1, help="systems trained at the same time")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads per training process (default: 1)")
+    p.add_argument("--elmer-options", default="",
+                   help="more fairseq-train options for the ELMER systems, after the common size: a variant in the "
+                        "same harness, e.g. --elmer-options='--decoder-layers 6' or --elmer-options=--eos-after-end "
+                        "(give the variant its own --out; not with elmer-soft-lplm, whose pretraining is another task)")
     p.add_argument("--pretrain-updates", type=int, default=1000,
                    help="elmer-soft-lplm: LPLM pretraining updates before its --updates of fine-tuning (default: 1000)")
     p.add_argument("--lplm-permutations", type=int, default=2,
@@ -348,6 +353,8 @@ def main():
     args = p.parse_args()
     if not (args.data / "dict.src.txt").exists():
         sys.exit(f"--data {args.data}: no dict.src.txt; prepare the data first (examples/TASK/prepare.py)")
+    if args.elmer_options and "elmer-soft-lplm" in args.systems:
+        sys.exit("--elmer-options: not with elmer-soft-lplm (its LPLM pretraining would not match); run it separately")
     if any(n.endswith("-kd") for n in args.systems) and "transformer" not in args.systems:
         sys.exit("--systems: the -kd systems learn from the autoregressive transformer; add 'transformer'")
     torch.set_num_threads(args.threads)
@@ -426,7 +433,8 @@ def main():
     header = (f"{split.get('task', args.data.parent.name)}: test split of {len(refs)} samples "
               f"(train {split.get('pairs', {}).get('train', '?')} pairs); {args.layers}+{args.layers} layers, "
               f"d={args.dim}; {args.updates} updates of <= {args.max_tokens} tokens per system; {hw}; latency: "
-              f"batch size 1, median after {args.warmup_samples} warm-up samples")
+              f"batch size 1, median after {args.warmup_samples} warm-up samples"
+              + (f"; ELMER trained with {args.elmer_options}" if args.elmer_options else ""))
     write_tables(results, sweep, args, header)
 
 
