@@ -15,7 +15,9 @@ fine-tuned from an ELMER pretrained with --task elmer_lplm (--pretrain-updates u
 test text): the paper's recipe at the scale of the data at hand, its pretraining updates on top of
 the common budget. A sweep of hard exit's delta gives the share of tokens per exit layer and the
 quality at each delta. The distilled data is made once, from the Transformer as it is when the
-first -kd system trains.
+first -kd system trains. --elmer-options trains an ELMER variant in the same harness (a deeper
+decoder, more dropout, --eos-after-end): its options override the common ones for the ELMER
+systems only, and the table's header names them; give a variant its own --out.
 
     python examples/benchmark.py --data data/bench/boolq/bin --out results/benchmark/boolq [--device cuda]
 
@@ -126,7 +128,8 @@ def train(name, flags, data, args, device_flags, updates=None):
     every = str(max(100, updates // 5))
     if "--user-dir" not in flags:  # its checkpoint allow-list lets fairseq's resume load with torch's safe default
         flags = ["--user-dir", HERE.parent / "elmer_fairseq", *flags]
-    argv = [data, *size_flags(args), *flags, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
+    # the system's own flags last: they may override the common ones (--elmer-options)
+    argv = [data, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,
             "--required-batch-size-multiple", "1",  # fairseq drops the samples that do not fill a multiple
@@ -134,7 +137,7 @@ def train(name, flags, data, args, device_flags, updates=None):
             "--save-interval-updates", every, "--keep-interval-updates", "1", "--log-format", "simple",
             # validate and save every `every` updates and at the end, not after every (tiny) epoch
             "--validate-interval-updates", every, "--validate-interval", "10000", "--save-interval", "10000",
-            "--log-interval", "100", "--seed", "1", "--num-workers", "0", *device_flags]
+            "--log-interval", "100", "--seed", "1", "--num-workers", "0", *device_flags, *flags]
     log = (args.out / "logs" / f"train-{name}.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.train_threads), "MKL_NUM_THREADS": str(args.train_threads)}
     return ckpt, subprocess.Popen([*fairseq_cli("train"), *map(str, argv)], stdout=log, stderr=subprocess.STDOUT,
@@ -336,8 +339,8 @@ def main():
     p.add_argument("--parallel", type=int, default=1, help="systems trained at the same time")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads per training process (default: 1)")
     p.add_argument("--elmer-options", default="",
-                   help="more fairseq-train options for the ELMER systems, after the common size: a variant in the "
-                        "same harness, e.g. --elmer-options='--decoder-layers 6' or --elmer-options=--eos-after-end "
+                   help="more fairseq-train options for the ELMER systems, overriding the common ones: a variant in the "
+                        "same harness, e.g. --elmer-options='--decoder-layers 6' or --elmer-options='--dropout 0.3' "
                         "(give the variant its own --out; not with elmer-soft-lplm, whose pretraining is another task)")
     p.add_argument("--pretrain-updates", type=int, default=1000,
                    help="elmer-soft-lplm: LPLM pretraining updates before its --updates of fine-tuning (default: 1000)")
