@@ -187,15 +187,16 @@ def test_benchmark_refuses_distillation_without_the_teacher(bench_data, tmp_path
 
 def test_elmer_options_train_an_elmer_variant_in_the_same_harness(bench_data, tmp_path):
     out = tmp_path / "deep"
-    proc = benchmark(bench_data, out, "elmer-hard", "cmlm", extra=["--elmer-options=--decoder-layers 3 --eos-after-end"])
+    proc = benchmark(bench_data, out, "elmer-hard", "cmlm", extra=["--elmer-options=--decoder-layers 3 --eos-after-end --dropout 0.3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     elmer = torch.load(out / "checkpoints" / "elmer-hard" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     cmlm = torch.load(out / "checkpoints" / "cmlm" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert elmer["cfg"]["model"].decoder_layers == 3 and elmer["cfg"]["task"]["eos_after_end"]
-    assert cmlm["cfg"]["model"].decoder_layers == 1  # the baselines keep the common size
+    assert elmer["cfg"]["model"].dropout == 0.3  # overrides the common training flags too
+    assert cmlm["cfg"]["model"].decoder_layers == 1 and cmlm["cfg"]["model"].dropout == 0.1  # the baselines keep them
     rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert not rows["ELMER-Hard (delta=0.5)"]["error"] and not rows["CMLM (0 it.)"]["error"]
-    assert "ELMER trained with --decoder-layers 3 --eos-after-end" in (out / "results.md").read_text()
+    assert "ELMER trained with --decoder-layers 3 --eos-after-end --dropout 0.3" in (out / "results.md").read_text()
     first_delta = (out / "delta_sweep.md").read_text().splitlines()[2]
     assert first_delta.rstrip(" |").rsplit("|", 1)[1].count(" / ") == 2  # exit shares of three decoder layers
     refused = benchmark(bench_data, tmp_path / "lplm", "elmer-soft-lplm", extra=["--elmer-options=--eos-after-end"])
