@@ -108,7 +108,8 @@ class ElmerBatches(BaseWrapperDataset):
                 cut = target[:, -1].ne(self.pad) & target[:, -1].ne(self.eos)
                 target[cut, -1] = self.eos
             target = torch.nn.functional.pad(target, (0, self.length - target.size(1)), value=self.pad)
-            target = target.masked_fill(target.eq(self.pad), self.fill)
+            if self.fill != self.pad:  # no copy of every batch when the default leaves pad in place
+                target = target.masked_fill(target.eq(self.pad), self.fill)
         batch["target"] = target
         batch["net_input"]["prev_output_tokens"] = torch.full_like(target, self.mask_idx)
         batch["ntokens"] = int(target.ne(self.pad).sum())
