@@ -39,8 +39,10 @@ class ExitStats:
 class ElmerGenerator:
     """Encoder once, decoder once; the output ends at the first predicted EOS. No gold length."""
 
-    def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True):
+    def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True,
+                 oracle_length: bool = False):
         self.tgt_dict = tgt_dict
+        self.oracle_length = oracle_length
         self.eos = tgt_dict.eos()  # fairseq-generate strips it from the printed hypotheses
         self.length = max_target_length
         self.exit_threshold = exit_threshold
@@ -63,8 +65,11 @@ class ElmerGenerator:
         model = models[0]
         model.eval()
         net_input = sample["net_input"]
-        out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold)
         eos, pad = self.tgt_dict.eos(), self.tgt_dict.pad()
+        if self.oracle_length:
+            out = self.decode_oracle_length(model, net_input, sample.get("target"), eos, pad)
+        else:
+            out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold)
         tokens = cut_at_first_eos(out.tokens, eos, pad)
         keep = tokens.ne(pad)
         if self.stats is None:
@@ -82,3 +87,22 @@ class ElmerGenerator:
                 "alignment": None,
             }])
         return hypos
+
+    def decode_oracle_length(self, model, net_input, target, eos: int, pad: int):
+        """The ELMER authors' test protocol: every sample decoded alone with T = its reference's
+        length + 1 (up to and including the first EOS), the rest of the row pad."""
+        if target is None:
+            raise ValueError("--oracle-length decodes with the reference's length, but this sample has no "
+                             "reference (raw input): drop --oracle-length")
+        is_eos = target.eq(eos)
+        ends = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, target.ne(pad).sum(1))
+        rows = [model.generate(net_input["src_tokens"][i:i + 1], net_input["src_lengths"][i:i + 1],
+                               int(max(n, 1)), self.exit_threshold) for i, n in enumerate(ends.tolist())]
+        width = max(r.tokens.size(1) for r in rows)
+
+        def stack(name, fill):
+            return torch.cat([torch.nn.functional.pad(getattr(r, name), (0, width - r.tokens.size(1)), value=fill)
+                              for r in rows])
+
+        # the padding is pad (dropped as the output's end) with the last layer as its exit layer
+        return type(rows[0])(stack("tokens", pad), stack("scores", 0.0), stack("exit_layer", model.decoder.num_layers))

@@ -53,7 +53,9 @@ NAT = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-ini
 NAT_GEN = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1"]
 NAR = ("elmer-soft", "elmer-hard", "cmlm", "levt")  # the systems that have a "-kd" twin
 NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR), "elmer-soft-lplm"]
-ELMER_TINY = ["--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0.1"]
+# the authors' fine-tuning recipe: plain cross-entropy (smoothing would also keep hard exit's
+# off-ramps above delta) and, for soft exit, gold-token mixing at the model's default 0.3
+ELMER_TINY = ["--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0"]
 
 
 def systems(args):
@@ -70,7 +72,10 @@ def systems(args):
                          "--criterion", "label_smoothed_cross_entropy"],
                         {"Transformer (AR, greedy)": ar_gen + ["--beam", "1"],
                          "Transformer (AR, beam 4)": ar_gen + ["--beam", "4"]}),
-        "elmer-soft": (elmer_train + ["--exit-mode", "soft"], {"ELMER-Soft": elmer_gen}),
+        "elmer-soft": (elmer_train + ["--exit-mode", "soft"],
+                       {"ELMER-Soft": elmer_gen,
+                        # reads the reference's length: comparable with the paper's rows, not a result
+                        "ELMER-Soft, oracle T (authors' test protocol)": elmer_gen + ["--oracle-length"]}),
         "elmer-hard": (elmer_train + ["--exit-mode", "hard"],
                        {"ELMER-Hard (delta=0.5)": elmer_gen + ["--exit-threshold", "0.5"]}),
         "cmlm": (NAT + ["--arch", "cmlm_transformer", "--noise", "random_mask", "--length-loss-factor", "0.1"],
@@ -82,7 +87,8 @@ def systems(args):
     }
     for name in NAR:
         flags, gens = out[name]
-        out[f"{name}-kd"] = (flags, {f"{system} + KD": gen for system, gen in gens.items()})
+        out[f"{name}-kd"] = (flags, {f"{system} + KD": gen for system, gen in gens.items()
+                                     if "--oracle-length" not in gen})
     # fairseq-train starts from the pretrained weights only while the run has no checkpoint of its own
     pretrained = last_checkpoint(args, "lplm-pretrain")
     out["elmer-soft-lplm"] = (out["elmer-soft"][0] + ["--finetune-from-model", pretrained],

@@ -40,7 +40,7 @@ def test_fairseq_train_refuses(xsum_tiny, tmp_path, extra, message):
     (["--exit-threshold", "0.5"], "--exit-threshold applies to hard exit only"),
     (["--exit-mode", "hard"], "does not match the checkpoint"),
     (["--iter-decode-max-iter", "5"], "pass --iter-decode-max-iter 0"),
-    (["--beam", "4"], "pass --beam 1"),
+    (["--beam", "4"], "--beam 4: ELMER has no beam search"),
     (["--gen-subset", "nosuch"], "no binarized nosuch split"),
 ])
 def test_fairseq_generate_refuses(xsum_tiny, trained, extra, message):

@@ -10,6 +10,7 @@ every position in one pass; how a position travels through the layers is the exi
         copied to every upper layer; once every position has exited, no further layer runs;
 - lplm: (pretraining) every position exits at a layer given by the caller, sampled by LPLM.
 """
+import logging
 import math
 from typing import List, NamedTuple
 
@@ -21,8 +22,10 @@ from torch import Tensor, nn
 
 from ..ops import off_ramp
 
+logger = logging.getLogger(__name__)
 EXIT_MODES = ("soft", "hard")
 MASK_SYMBOL = "<mask>"
+GOLD_MIX_PROB = 0.3  # the ELMER authors' fine-tuning code (fine-tune/modeling_bart.py); not in the paper
 
 
 class Decoded(NamedTuple):
@@ -43,6 +46,14 @@ class ElmerModel(TransformerModel):
             help="give every decoder layer its own off-ramp classifier instead of sharing the "
                  "output embedding across layers (the paper shares them in pretraining)",
         )
+        parser.add_argument(
+            "--gold-mix-prob", type=float, metavar="P",
+            help=f"soft exit, training only: at every fused layer and target position, feed the gold "
+                 f"token's embedding instead of Embed(argmax) with probability P, so upper layers learn "
+                 f"next to correct neighbours (the authors' fine-tuning code does this with "
+                 f"{GOLD_MIX_PROB}; the paper does not say). Default {GOLD_MIX_PROB} with soft exit; "
+                 f"0 turns it off; refused with hard exit, which fuses nothing",
+        )
 
     @classmethod
     def build_model(cls, args, task):
@@ -53,6 +64,8 @@ class ElmerModel(TransformerModel):
             )
         if MASK_SYMBOL not in task.target_dictionary:
             raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use an ELMER task")
+        args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None))
+        warn_smoothing_floor(args, len(task.target_dictionary))
         return super().build_model(args, task)
 
     @classmethod
@@ -75,7 +88,7 @@ class ElmerModel(TransformerModel):
         num_layers = len(layer_logits)
         return {
             f"layer{l + 1}": {
-                "out": logits, "tgt": tgt_tokens, "mask": mask,
+                "out": logits, "tgt": tgt_tokens, "mask": mask, "ls": self.label_smoothing,
                 "factor": 1.0 / num_layers, "nll_loss": l == num_layers - 1,
             }
             for l, logits in enumerate(layer_logits)
@@ -94,7 +107,14 @@ class ElmerModel(TransformerModel):
             prev_output_tokens, tgt_tokens = prev_output_tokens.repeat(k, 1), tgt_tokens.repeat(k, 1)
         logits = self.decoder.forward_lplm(prev_output_tokens, encoder_out, exit_layers)
         mask = tgt_tokens.ne(self.decoder.padding_idx)
-        return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "nll_loss": True}}
+        return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "ls": self.label_smoothing,
+                         "nll_loss": True}}
+
+    @property
+    def label_smoothing(self) -> float:
+        # nat_loss smooths a term by its "ls"; the criterion's --label-smoothing reaches the model
+        # through the flat training args, as for fairseq's CMLM
+        return getattr(self.args, "label_smoothing", 0.0) or 0.0
 
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int, exit_threshold: float = 0.5) -> Decoded:
@@ -110,6 +130,7 @@ class ElmerDecoder(TransformerDecoder):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=False)
         self.exit_mode = args.exit_mode
         self.exit_threshold = args.exit_threshold
+        self.gold_mix_prob = getattr(args, "gold_mix_prob", None) or 0.0
         self.mask_idx = dictionary.index(MASK_SYMBOL)
         if args.per_layer_off_ramps:
             self.off_ramps = nn.ModuleList(
@@ -138,6 +159,15 @@ class ElmerDecoder(TransformerDecoder):
         """Soft exit: the next layer reads W [Embed(y^l); h^l]."""
         return self.soft_exit(torch.cat([self.embed_tokens(tokens), h], dim=-1))
 
+    def mix_gold(self, predicted: Tensor, tgt_tokens) -> Tensor:
+        """Training only: each target position's prediction is replaced by the gold token with
+        probability --gold-mix-prob (positions without a gold token, pad, keep the prediction)."""
+        if not self.training or self.gold_mix_prob == 0 or tgt_tokens is None:
+            return predicted
+        gold = tgt_tokens.t()  # [T, B], as predicted
+        use_gold = torch.rand(gold.shape, device=gold.device) < self.gold_mix_prob
+        return torch.where(use_gold & gold.ne(self.padding_idx), gold, predicted)
+
     def run_layer(self, layer: int, x: Tensor, encoder_out) -> Tensor:
         enc = encoder_out["encoder_out"][0]
         enc_mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
@@ -165,7 +195,7 @@ class ElmerDecoder(TransformerDecoder):
             logits = F.linear(h, self.off_ramp_weight(l))
             layer_logits.append(logits.transpose(0, 1))
             if self.exit_mode == "soft":
-                x = self.fuse(logits.argmax(-1), h) if l < self.num_layers - 1 else h
+                x = self.fuse(self.mix_gold(logits.argmax(-1), tgt_tokens), h) if l < self.num_layers - 1 else h
             else:
                 log_p = torch.log_softmax(logits.detach().float(), dim=-1)
                 frozen = frozen | (-(log_p.exp() * log_p).sum(-1) < self.exit_threshold)
@@ -233,6 +263,40 @@ class ElmerDecoder(TransformerDecoder):
             if key.startswith(("soft_exit.", "off_ramps.")) and prefix + key not in state_dict:
                 state_dict[prefix + key] = value
         return state_dict
+
+
+def resolve_gold_mix(exit_mode, prob):
+    """--gold-mix-prob for a new model: the authors' value with soft exit, refused where nothing is fused."""
+    if prob is None:
+        return GOLD_MIX_PROB if exit_mode == "soft" else 0.0
+    if not 0.0 <= prob <= 1.0:  # also rejects NaN
+        raise ValueError(f"--gold-mix-prob must be in [0, 1], got {prob}")
+    if prob > 0 and exit_mode != "soft":
+        raise ValueError(f"--gold-mix-prob {prob} mixes gold tokens into soft exit's fused inputs; "
+                         f"with --exit-mode {exit_mode} nothing is fused (pass 0 or leave it out)")
+    return prob
+
+
+def smoothing_entropy_floor(eps: float, vocab: int) -> float:
+    """The entropy (nats) of the distribution that a label-smoothed loss is minimised by: the gold
+    token at 1 - eps + eps/V, every word at eps/V (fairseq's smoothing). An off-ramp trained to it
+    is never more certain than this."""
+    if eps <= 0:
+        return 0.0
+    top, rest = 1 - eps + eps / vocab, eps / vocab
+    return -(top * math.log(top) + (vocab - 1) * rest * math.log(rest))
+
+
+def warn_smoothing_floor(args, vocab: int):
+    eps = getattr(args, "label_smoothing", 0.0) or 0.0
+    threshold = getattr(args, "exit_threshold", None)
+    floor = smoothing_entropy_floor(eps, vocab)
+    if getattr(args, "exit_mode", None) == "hard" and threshold is not None and floor >= threshold:
+        logger.warning(
+            f"--label-smoothing {eps} trains the off-ramps towards an entropy of {floor:.2f} nats "
+            f"(V = {vocab}), at or above --exit-threshold {threshold}: hard exit will rarely fire "
+            f"before the last layer. Train hard exit with --label-smoothing 0 (the default) or a "
+            f"higher threshold")
 
 
 def elmer_defaults(args, **defaults):

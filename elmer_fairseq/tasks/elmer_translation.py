@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 from fairseq import utils
+from fairseq.dataclass.configs import GenerationConfig
 from fairseq.data import BaseWrapperDataset, data_utils, indexed_dataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -47,6 +48,12 @@ class ElmerTranslationConfig(TranslationConfig):
         metadata={"help": "train the positions after a target's EOS to predict EOS too, instead of ignoring "
                           "them: the model learns where outputs end at every position up to T (the "
                           "first EOS still ends the output)"},
+    )
+    oracle_length: bool = field(
+        default=False,
+        metadata={"help": "generation: decode each sample with T = its reference's length + 1 (EOS), as the "
+                          "ELMER authors' test script does. It reads the reference, which a real system "
+                          "cannot: use it to compare with the paper's numbers, never as a result"},
     )
     seed: int = II("common.seed")
 
@@ -223,8 +230,12 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     def build_generator(self, models, args, **unused):
         if getattr(args, "iter_decode_max_iter", 0) != 0:
             raise ValueError("ELMER decodes in one pass: pass --iter-decode-max-iter 0")
-        if getattr(args, "beam", 1) != 1:
-            raise ValueError("ELMER has no beam search (one pass, no length predictor): pass --beam 1")
+        beam = getattr(args, "beam", 1)
+        # fairseq's NAT generators ignore --beam too; only a width other than fairseq's default
+        # (5, indistinguishable from an explicit --beam 5) is known to be the user's request
+        if beam not in (1, GenerationConfig.beam):
+            raise ValueError(f"--beam {beam}: ELMER has no beam search (one pass, no length predictor); "
+                             f"leave --beam out")
         mode = models[0].decoder.exit_mode
         if mode not in EXIT_MODES:
             raise ValueError("this checkpoint was pretrained (--task elmer_lplm); fine-tune it before decoding: "
@@ -234,7 +245,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
                              f"was fine-tuned with --exit-mode {mode}")
         _, threshold = resolve_exit_options(mode, self.cfg.exit_threshold)
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
-        return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, threshold)
+        return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, threshold,
+                              oracle_length=self.cfg.oracle_length)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
