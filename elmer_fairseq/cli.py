@@ -20,7 +20,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", required=True, help="checkpoint file, or the --save-dir of a fine-tuning run")
     p.add_argument("--data", required=True, help="the binarized data folder the model was trained on (its dictionary)")
-    p.add_argument("--bpe-dir", help="folder with vocab.json and merges.txt of the byte-level BPE (--bpe byte_bpe_ids)")
+    p.add_argument("--bpe-dir", help="folder with vocab.json and merges.txt of the byte-level BPE (--bpe byte_bpe_ids), "
+                                     "or with the tokenizer.json of a converted checkpoint (--bpe wordpiece)")
     p.add_argument("--input", default="-", help="input file, one input per line (default: stdin)")
     p.add_argument("--exit-threshold", type=float, help="hard exit's delta (hard-exit checkpoints only)")
     p.add_argument("--batch-size", type=positive_int, default=32)

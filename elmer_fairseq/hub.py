@@ -28,7 +28,8 @@ class ELMER(GeneratorHubInterface):
     def from_pretrained(cls, checkpoint: Union[str, Path], data: Union[str, Path], bpe_dir: Optional[Union[str, Path]] = None,
                         device: Optional[str] = None, **overrides) -> "ELMER":
         """checkpoint: a .pt file written by fairseq-train, or its --save-dir; data: the binarized data folder (for its
-        dictionary); bpe_dir: the folder with vocab.json and merges.txt of `--bpe byte_bpe_ids`
+        dictionary); bpe_dir: the folder with vocab.json and merges.txt of `--bpe byte_bpe_ids`, or with the
+        tokenizer.json of a converted checkpoint (`--bpe wordpiece`; or that file itself)
         (None: inputs are already space-separated dictionary symbols)."""
         checkpoint = Path(checkpoint)
         if checkpoint.is_dir():  # a --save-dir: its best checkpoint, else its last
@@ -40,8 +41,12 @@ class ELMER(GeneratorHubInterface):
             raise FileNotFoundError(f"data folder {data} not found: pass the binarized data folder "
                                     f"(fairseq-preprocess --destdir) the model was trained on")
         if bpe_dir is not None:
-            overrides.update(bpe="byte_bpe_ids", bpe_vocab=str(Path(bpe_dir) / "vocab.json"),
-                             bpe_merges=str(Path(bpe_dir) / "merges.txt"))
+            tokenizer = Path(bpe_dir) if Path(bpe_dir).is_file() else Path(bpe_dir) / "tokenizer.json"
+            if tokenizer.is_file():  # examples/TASK/prepare.py --tokenizer copies it beside the data
+                overrides.update(bpe="wordpiece", wordpiece_tokenizer=str(tokenizer))
+            else:
+                overrides.update(bpe="byte_bpe_ids", bpe_vocab=str(Path(bpe_dir) / "vocab.json"),
+                                 bpe_merges=str(Path(bpe_dir) / "merges.txt"))
         loaded = hub_utils.from_pretrained(
             str(checkpoint.parent), checkpoint_file=checkpoint.name, data_name_or_path=str(Path(data).resolve()),
             user_dir=os.path.dirname(os.path.abspath(__file__)), **overrides)

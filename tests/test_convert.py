@@ -1,23 +1,27 @@
-"""elmer-convert: HF BART-style checkpoints as ELMER fairseq checkpoints, checked against
-transformers' own BART (tiny random ones built here: nothing is downloaded)."""
+"""elmer-convert: HF BART-style and BERT-family checkpoints as ELMER fairseq checkpoints, checked
+against transformers' own BART, BERT and RoBERTa (tiny random ones built here: nothing is downloaded)."""
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from fairseq import checkpoint_utils
+from fairseq import checkpoint_utils, options, tasks
 from fairseq.data import data_utils
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
-from conftest import ROOT, XSUM_TINY, run_cli, write_pairs
+from conftest import ROOT, XSUM_TINY, cli_env, generate_args, run_cli, write_pairs
 from elmer_fairseq import ELMER
-from elmer_fairseq.convert import convert_hf_bart, read_hf, save
+from elmer_fairseq.bpe import TokenizerVocab
+from elmer_fairseq.convert import convert_bert_family, convert_hf_bart, read_hf, save
 
 # fairseq-fixed installs a torchaudio built for another torch, which cannot load, and transformers
 # imports torchaudio whenever it is installed. BART needs no audio.
 sys.modules.setdefault("torchaudio", None)
-from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertModel,  # noqa: E402
+                          RobertaConfig, RobertaForMaskedLM)
 
 TOLERANCE = 1e-5  # fp32, eval mode
 LENGTH = 7  # [MASK] positions the decoder fills
@@ -286,3 +290,257 @@ def test_fine_tune_converted_bart(tmp_path):
     assert f"loading pretrained model from {out / 'model.pt'}" in proc.stdout
     hub = ELMER.from_pretrained(tmp_path / "ckpt", data=tmp_path / "bin", bpe_dir=hf_dir, device="cpu")
     assert len(hub.generate([rows[0]["document"]])) == 1
+
+
+# BERT-family checkpoints
+
+BERT_SPECIALS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # not fairseq's order, so a shift shows
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def xsum_texts():
+    rows = [json.loads(line) for line in XSUM_TINY.read_text(encoding="utf-8").splitlines()]
+    return rows, [r["document"] for r in rows] + [r["summary"] for r in rows]
+
+
+def perturbed(model, seed=0):
+    """HF starts biases at 0 and norms at 1: move them, so that a swapped name shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_bert(folder, positions=72, vocab_size=150):
+    """A random BertModel (eps 1e-12, with pooler) and a WordPiece tokenizer.json of its vocabulary,
+    saved in `folder` as a checkpoint folder is; returns the model."""
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(xsum_texts()[1], vocab_size=vocab_size, special_tokens=BERT_SPECIALS)
+    config = BertConfig(vocab_size=tok.get_vocab_size() + 3, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=positions,
+                        layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        pad_token_id=0, attn_implementation="eager")
+    model = perturbed(BertModel(config))
+    model.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return model
+
+
+def tiny_roberta(folder):
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(xsum_texts()[1], vocab_size=300, special_tokens=ROBERTA_SPECIALS)
+    config = RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=48, max_position_embeddings=66,
+                           type_vocab_size=1, layer_norm_eps=1e-5, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, pad_token_id=1, attn_implementation="eager")
+    model = perturbed(RobertaForMaskedLM(config))
+    model.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return model
+
+
+def converted(folder, tmp_path, **kwargs):
+    """In-process conversion of a checkpoint folder, saved and loaded back as fairseq loads it."""
+    state_dict, config, weights = read_hf(folder)
+    vocab = TokenizerVocab(folder / "tokenizer.json")
+    dictionary = kwargs.pop("dictionary", None)
+    checkpoints = convert_bert_family(state_dict, config, vocab, dictionary, source=str(weights), **kwargs)
+    paths = {name: save(ckpt, tmp_path / "out", dictionary or vocab.dictionary(), name)
+             for name, (ckpt, _) in checkpoints.items()}
+    models, _ = checkpoint_utils.load_model_ensemble([str(paths["model.pt"])])
+    return models[0].eval(), vocab, checkpoints
+
+
+BERT_SOURCES = ["The council said the road would reopen.", "Police closed it.",
+                "Scientists have found a new species of frog in the rainforest."]
+
+
+@torch.no_grad()
+def assert_encoder_computes(model, hf, vocab, texts=BERT_SOURCES):
+    """Every encoder layer's output (and the embeddings') equals the HF encoder's for the same pieces
+    (HF right-padded with an attention mask, fairseq left-padded)."""
+    pieces = [p + ["</s>"] for p in vocab.tokenize(texts)]
+    d = model.encoder.dictionary
+    src = data_utils.collate_tokens([torch.tensor([d.index(p) for p in ps]) for ps in pieces], d.pad(), left_pad=True)
+    assert not src.eq(d.unk()).any()
+    ids = data_utils.collate_tokens([torch.tensor([vocab.ids[p] for p in ps]) for ps in pieces], vocab.ids["<pad>"])
+    lengths = torch.tensor([len(ps) for ps in pieces])
+    ours = model.encoder(src, src_lengths=lengths, return_all_hiddens=True)["encoder_states"]
+    theirs = hf(input_ids=ids, attention_mask=ids.ne(vocab.ids["<pad>"]).long(), output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == hf.config.num_hidden_layers + 1
+    for layer, (a, b) in enumerate(zip(ours, theirs)):
+        a = a.transpose(0, 1)
+        diff = max(float((a[i, -n:] - b[i, :n]).abs().max()) for i, n in enumerate(lengths.tolist()))
+        assert diff < TOLERANCE, f"layer {layer}: {diff}"
+
+
+def test_bert_layers_compute_bert(tmp_path):
+    """The real elmer-convert on a save_pretrained BertModel + tokenizer.json: every encoder layer
+    is BERT's, and the decoder's self-attention + FFN stack (cross-attention left out) is too."""
+    hf = tiny_bert(tmp_path / "hf")
+    printed = run_cli("elmer-convert", tmp_path / "hf", tmp_path / "out").stdout
+    assert "--layernorm-eps 1e-12 " in printed
+    assert "pooler.* (a task head of the encoder) is not used" in printed
+    assert "freshly initialised: decoder.layers.*.encoder_attn.k_proj" in printed
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "out" / "model.pt")])
+    model = models[0].eval()
+    assert model.decoder.layernorm_embedding.eps == 1e-12
+    vocab = TokenizerVocab(tmp_path / "hf" / "tokenizer.json")
+    assert "[unused0]" not in model.encoder.dictionary and model.decoder.mask_idx == len(model.encoder.dictionary) - 1
+    assert_encoder_computes(model, hf, vocab)
+
+    with torch.no_grad():
+        tokens = torch.randint(model.encoder.dictionary.nspecial, len(model.encoder.dictionary) - 1, (2, 9))
+        ids = torch.tensor([[vocab.ids[model.encoder.dictionary[t]] for t in row] for row in tokens.tolist()])
+        theirs = hf(input_ids=ids, output_hidden_states=True).hidden_states
+        x = model.decoder.embed(tokens)
+        for layer, decoder_layer in enumerate(model.decoder.layers):
+            decoder_layer.encoder_attn = None  # fairseq's layer then runs self-attention and FFN only
+            x = decoder_layer(x, None, None)[0]
+            assert float((x.transpose(0, 1) - theirs[layer + 1]).abs().max()) < TOLERANCE
+
+
+def test_fairseq_eps_changes_bert_outputs(tmp_path):
+    """Why --layernorm-eps: with fairseq's 1e-5 the same weights are off by far more than the tolerance."""
+    hf = tiny_bert(tmp_path / "hf")
+    model, vocab, _ = converted(tmp_path / "hf", tmp_path)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-5
+    with pytest.raises(AssertionError, match="layer"):
+        assert_encoder_computes(model, hf, vocab)
+
+
+def test_roberta_mlm_computes_roberta(tmp_path, caplog):
+    """RobertaForMaskedLM: `roberta.` names, positions offset by 2 as fairseq's, the MLM head named as unused."""
+    hf = tiny_roberta(tmp_path / "hf")
+    with caplog.at_level("WARNING"):
+        model, vocab, _ = converted(tmp_path / "hf", tmp_path)
+    assert "its MLM head (lm_head.*: a dense + LayerNorm transform and an output bias) is not used" in caplog.text
+    assert model.encoder.embed_positions.weight.size(0) == hf.config.max_position_embeddings
+    assert_encoder_computes(model, hf.roberta, vocab)
+
+
+def test_dict_keeps_the_rows_of_its_symbols(tmp_path):
+    """--dict: a dictionary of some pieces, in its own order; each row is BERT's row of that piece."""
+    hf = tiny_bert(tmp_path / "hf")
+    vocab = TokenizerVocab(tmp_path / "hf" / "tokenizer.json")
+    pieces = vocab.dictionary().symbols[4:]
+    kept = [pieces[40], pieces[3], pieces[-1], pieces[7]]  # not in id order
+    (tmp_path / "dict.txt").write_text("".join(f"{s} 7\n" for s in kept), encoding="utf-8")
+    dictionary = vocab.load_dictionary(tmp_path / "dict.txt")
+    model, _, _ = converted(tmp_path / "hf", tmp_path, dictionary=dictionary)
+    symbols = model.encoder.dictionary.symbols
+    assert symbols == ["<s>", "<pad>", "</s>", "<unk>", *kept, "<mask>"]
+    words = hf.embeddings.word_embeddings.weight
+    rows = [vocab.ids[s] for s in symbols]
+    assert rows[:4] + rows[-1:] == [3, 0, 4, 2, 5]  # [CLS] [PAD] [SEP] [UNK] [MASK]
+    for embedding in (model.encoder.embed_tokens, model.decoder.embed_tokens, model.decoder.output_projection):
+        assert torch.equal(embedding.weight, words[rows])
+    assert (tmp_path / "out" / "dict.txt").read_text(encoding="utf-8").split() == [w for s in kept for w in (s, "7")]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("zebraxyz 1", r"dict\.txt:2: 'zebraxyz' is not a symbol of .*tokenizer\.json; was the dictionary made with "
+                   r"another tokenizer\?"),
+    ("[CLS] 1", r"dict\.txt:2: '\[CLS\]' is not a symbol of .*tokenizer\.json \(write <s> for it\)"),
+], ids=["unknown", "special"])
+def test_dict_of_another_vocabulary_is_refused(tmp_path, line, message):
+    tiny_bert(tmp_path / "hf")
+    (tmp_path / "dict.txt").write_text(f"the 1\n{line}\n", encoding="utf-8")
+    proc = run_cli("elmer-convert", tmp_path / "hf", tmp_path / "out", "--dict", tmp_path / "dict.txt", check=False)
+    assert proc.returncode == 1
+    assert re.fullmatch("elmer-convert: error: " + re.escape(str(tmp_path)) + "/" + message, proc.stdout.splitlines()[-1])
+    assert not (tmp_path / "out").exists()
+
+
+def gpt2(folder, config):
+    config["model_type"] = "gpt2"
+
+
+def other_pad(folder, config):
+    config["pad_token_id"] = 2
+
+
+def no_specials(folder, config):
+    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["content"] != "[MASK]"]
+    del tokenizer["model"]["vocab"]["[MASK]"]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+
+
+def small_vocab(folder, config):
+    config["vocab_size"] = 20
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (gpt2, r"model\.safetensors: model_type 'gpt2'; elmer-convert converts BART-style \(bart\) and BERT-family "
+           r"\(bert, roberta\) checkpoints"),
+    (other_pad, r"tokenizer\.json: \[PAD\] has id 0, but the config of .*model\.safetensors has pad_token_id 2"),
+    (no_specials, r"tokenizer\.json: lacks \[MASK\] of BERT's special tokens and <s> <pad> </s> <unk> <mask> of "
+                  r"RoBERTa's"),
+    (small_vocab, r"tokenizer\.json: '.*' has id \d+, beyond the vocab_size 20 of .*model\.safetensors"),
+], ids=["gpt2", "pad", "specials", "vocab-size"])
+def test_bad_bert_checkpoints_name_the_file(tmp_path, spoil, message):
+    tiny_bert(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))
+    spoil(tmp_path / "hf", config)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    state_dict, config, weights = read_hf(tmp_path / "hf")
+    with pytest.raises(ValueError, match=message):
+        if config["model_type"] == "gpt2":
+            convert_hf_bart(state_dict, config, source=str(weights))
+        convert_bert_family(state_dict, config, TokenizerVocab(tmp_path / "hf" / "tokenizer.json"), source=str(weights))
+
+
+def test_bert_options_are_refused_for_bart(hf_bart, tmp_path):
+    hf_bart.save_pretrained(tmp_path / "hf")
+    proc = run_cli("elmer-convert", tmp_path / "hf", tmp_path / "out", "--for", "transformer", check=False)
+    assert proc.stdout.splitlines()[-1] == (f"elmer-convert: error: --for: for BERT-family checkpoints; "
+                                            f"{tmp_path / 'hf' / 'model.safetensors'} is model_type 'bart'")
+
+
+def test_warm_start_elmer_and_baselines(tmp_path):
+    """docs/converting.md end to end on a tiny BERT: data tokenized with its tokenizer.json and a
+    trimmed dictionary, the checkpoint converted with that dictionary for ELMER and fairseq's three
+    baselines; ELMER and CMLM fine-tune from it (strict loads) with the printed options; LevT and the
+    Transformer load strictly into the models those options build; generation detokenizes."""
+    tiny_bert(tmp_path / "hf")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, ROOT / "examples" / "xsum" / "prepare.py", "--input", XSUM_TINY, "--out", data,
+                    "--tokenizer", tmp_path / "hf" / "tokenizer.json", "--trim-vocab", "--valid", "4", "--test", "4",
+                    "--max-source-tokens", "60", "--max-target-tokens", "20", "--workers", "1"],
+                   check=True, capture_output=True, env=cli_env())
+    vocab = TokenizerVocab(data / "tokenizer.json")
+    assert len(vocab.load_dictionary(data / "dict.txt")) < len(vocab.dictionary())
+    printed = run_cli("elmer-convert", tmp_path / "hf", tmp_path / "out", "--dict", data / "dict.txt",
+                      "--for", "transformer", "cmlm_transformer", "levenshtein_transformer").stdout
+    options_of = {Path(m[2]).stem: m[1].split() for m in re.finditer(r"fairseq-train (.*) --finetune-from-model (\S+)", printed)}
+    assert sorted(options_of) == ["cmlm_transformer", "levenshtein_transformer", "model", "transformer"]
+    common = ["--optimizer", "adam", "--lr", "1e-4", "--max-tokens", "2048", "--max-update", "1", "--cpu",
+              "--num-workers", "0", "--no-epoch-checkpoints"]
+
+    proc = run_cli("fairseq-train", data / "bin", "--user-dir", ROOT / "elmer_fairseq", "--task", "elmer_translation",
+                   *options_of["model"], "--finetune-from-model", tmp_path / "out" / "model.pt",
+                   "--criterion", "elmer_loss", "--max-target-length", "24", "--save-dir", tmp_path / "elmer", *common)
+    assert f"loading pretrained model from {tmp_path / 'out' / 'model.pt'}" in proc.stdout
+    generated = run_cli("fairseq-generate", *generate_args(data / "bin", tmp_path / "elmer" / "checkpoint_last.pt",
+                                                           "--bpe", "wordpiece", "--wordpiece-tokenizer",
+                                                           data / "tokenizer.json")).stdout
+    symbols = dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", generated, re.M))
+    text = dict(re.findall(r"^D-(\d+)\t\S+\t(.*)$", generated, re.M))
+    assert len(text) == 4 and all(text[i] == vocab.detokenize(symbols[i].split()) for i in text)
+    hub = ELMER.from_pretrained(tmp_path / "elmer", data=data / "bin", bpe_dir=data, device="cpu")
+    [out] = hub.generate([xsum_texts()[0][0]["document"]], return_details=True)
+    assert out["text"] == vocab.detokenize([hub.tgt_dict[t] for t in out["tokens"] if t != hub.tgt_dict.eos()])
+
+    proc = run_cli("fairseq-train", data / "bin", *options_of["cmlm_transformer"],
+                   "--finetune-from-model", tmp_path / "out" / "cmlm_transformer.pt", "--criterion", "nat_loss",
+                   "--noise", "random_mask", "--disable-validation", "--save-dir", tmp_path / "cmlm", *common)
+    assert "loading pretrained model from" in proc.stdout and (tmp_path / "cmlm" / "checkpoint_last.pt").is_file()
+    for arch in ("levenshtein_transformer", "transformer"):
+        args = options.parse_args_and_arch(options.get_training_parser(), [str(data / "bin"), *options_of[arch]])
+        model = tasks.setup_task(args).build_model(args)
+        state = torch.load(tmp_path / "out" / f"{arch}.pt", weights_only=True)
+        model.load_state_dict(state["model"], strict=True)

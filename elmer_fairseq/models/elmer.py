@@ -54,6 +54,11 @@ class ElmerModel(TransformerModel):
                  f"{GOLD_MIX_PROB}; the paper does not say). Default {GOLD_MIX_PROB} with soft exit; "
                  f"0 turns it off; refused with hard exit, which fuses nothing",
         )
+        parser.add_argument(
+            "--layernorm-eps", type=float, metavar="EPS",
+            help="epsilon of every LayerNorm (default: fairseq's 1e-5); elmer-convert sets the "
+                 "checkpoint's own (BERT's 1e-12), which changes the outputs by ~1e-2 otherwise",
+        )
 
     @classmethod
     def build_model(cls, args, task):
@@ -66,7 +71,15 @@ class ElmerModel(TransformerModel):
             raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use an ELMER task")
         args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None))
         warn_smoothing_floor(args, len(task.target_dictionary))
-        return super().build_model(args, task)
+        eps = getattr(args, "layernorm_eps", None)
+        if eps is not None and not eps > 0:  # also rejects NaN
+            raise ValueError(f"--layernorm-eps must be > 0, got {eps}")
+        model = super().build_model(args, task)
+        if eps is not None:  # fairseq's LayerNorm() takes no eps from the args: set it on every one built
+            for module in model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = eps
+        return model
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
