@@ -21,9 +21,9 @@ def recording_layers(decoder):
     """Wraps run_layer to record (layer index, input state [T, B, C]) of every call."""
     calls, run = [], decoder.run_layer
 
-    def record(layer, x, encoder_out):
+    def record(layer, x, encoder_out, rows=None):
         calls.append((layer, x.clone()))
-        return run(layer, x, encoder_out)
+        return run(layer, x, encoder_out, rows)
 
     decoder.run_layer = record
     return calls

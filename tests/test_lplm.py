@@ -230,17 +230,19 @@ def random_exit_layers(batch, k=1, seed=0):
 
 
 class Recorder:
-    """Wraps decoder.run_layer: records every layer's input and output [T, B, C]; can add a
+    """Wraps decoder.run_layer: records every layer's input and output [T, B, C] (where the layer
+    ran on the positions in flight only, a frozen one's output is its state); can add a
     perturbation to one layer's output."""
 
     def __init__(self, decoder, perturb_layer=None):
         self.inputs, self.outputs, self.run, self.perturb_layer = {}, {}, decoder.run_layer, perturb_layer
 
-    def __call__(self, layer, x, encoder_out):
-        h = self.run(layer, x, encoder_out)
+    def __call__(self, layer, x, encoder_out, rows=None):
+        h = self.run(layer, x, encoder_out, rows)
         if layer == self.perturb_layer:
             h = h + torch.randn_like(h)
-        self.inputs[layer], self.outputs[layer] = x.clone(), h.clone()
+        full = h if rows is None else x.reshape(-1, x.size(-1)).index_copy(0, rows, h).view_as(x)
+        self.inputs[layer], self.outputs[layer] = x.clone(), full.clone()
         return h
 
 

@@ -12,7 +12,7 @@ every position in one pass; how a position travels through the layers is the exi
 """
 import logging
 import math
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,18 +107,17 @@ class ElmerModel(TransformerModel):
             for l, logits in enumerate(layer_logits)
         }
 
-    def lplm_terms(self, encoder_out, prev_output_tokens, tgt_tokens, exit_layers):
+    def lplm_terms(self, encoder_out, prev_output_tokens, tgt_tokens, exit_layers, prefix=None):
         """The LPLM loss term over an encoder output computed once for the B sequences:
-        `exit_layers` holds K permutations of each ([K*B, T]), decoded as one batch."""
+        `exit_layers` holds K permutations of each ([K*B, T]), decoded as one batch above the
+        layers they share (`prefix`, see ElmerDecoder.lplm_prefix; computed here unless given)."""
         bsz = tgt_tokens.size(0)
         if exit_layers.size(0) % bsz:
             raise ValueError(f"exit_layers has {exit_layers.size(0)} rows, not a multiple of the batch's {bsz}")
-        k = exit_layers.size(0) // bsz
-        if k > 1:
-            order = torch.arange(bsz, device=tgt_tokens.device).repeat(k)
-            encoder_out = self.encoder.reorder_encoder_out(encoder_out, order)
-            prev_output_tokens, tgt_tokens = prev_output_tokens.repeat(k, 1), tgt_tokens.repeat(k, 1)
-        logits = self.decoder.forward_lplm(prev_output_tokens, encoder_out, exit_layers)
+        if prefix is None:
+            prefix = self.decoder.lplm_prefix(prev_output_tokens, encoder_out, exit_layers)
+        logits = self.decoder.forward_lplm(prefix, encoder_out, exit_layers)
+        tgt_tokens = tgt_tokens.repeat(exit_layers.size(0) // bsz, 1)
         mask = tgt_tokens.ne(self.decoder.padding_idx)
         return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "ls": self.label_smoothing,
                          "nll_loss": True}}
@@ -134,6 +133,66 @@ class ElmerModel(TransformerModel):
         """One-pass decoding of T = `length` positions: encoder once, decoder once."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         return self.decoder.decode(encoder_out, length, exit_threshold)
+
+
+class LPLMPrefix(NamedTuple):
+    """What LPLM's K permutations of each sequence share (ElmerDecoder.lplm_prefix)."""
+    state: Tensor  # [T, B, C] the decoder state after the shared layers, one column per sequence
+    depth: int  # how many layers (from the first) are shared
+
+
+def attend(attn, q: Tensor, k: Tensor, v: Tensor, group: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """The core of fairseq's MultiheadAttention `attn` (softmax in float32, attention dropout) for
+    N query rows, row i over the keys and values of group[i]: q [N, C] projected and scaled,
+    k and v [G, S, C] projected, key_padding_mask [G, S] (True: not a key). Returns [N, C],
+    before out_proj. The rows are laid out by group, padded to the largest, so that a few
+    batched matmuls serve them all; the padding's rows are computed and dropped."""
+    G, S, C = k.shape
+    heads, N = attn.num_heads, len(q)
+    counts = torch.bincount(group, minlength=G)
+    width = int(counts.max())
+    order = torch.argsort(group, stable=True)
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(N, device=q.device) - (counts.cumsum(0) - counts)[group[order]]
+    where = group * width + slot  # row i's place in the [G, width] layout
+
+    def split(t, length):  # [G * length, C] -> [G, heads, length, C / heads]
+        return t.reshape(G, length, heads, -1).transpose(1, 2)
+
+    scores = split(q.new_zeros(G * width, C).index_copy(0, where, q), width) @ split(k, S).transpose(-1, -2)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    probs = attn.dropout_module(F.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores))
+    out = (probs @ split(v, S)).transpose(1, 2).reshape(G * width, C)
+    return out.index_select(0, where)
+
+
+def layer_rows(layer, x: Tensor, rows: Tensor, enc: Tensor, enc_mask: Optional[Tensor]) -> Tensor:
+    """`layer(x, enc, enc_mask)[0]` (a post-norm fairseq TransformerDecoderLayer without a self-
+    attention mask) at the rows `rows` of x [T, B, C] viewed as [T*B, C] only, [N, C]: queries,
+    attention outputs, FFN and layer norms for those rows, keys and values from every position.
+    B may be a multiple of the encoder output's batch [S, B_enc, C]: column b reads sequence
+    b mod B_enc (LPLM's permutations), whose cross-attention keys are computed once."""
+    if layer.normalize_before or layer.cross_self_attention or any(
+            getattr(layer, name) is not None for name in ("c_attn", "attn_ln", "ffn_layernorm", "w_resid")):
+        raise ValueError("layer_rows implements fairseq's post-norm decoder layer without NormFormer "
+                         "scales or cross+self-attention, as ELMER builds it")
+    T, B, C = x.shape
+    column = rows % B
+    h = x.reshape(T * B, C).index_select(0, rows)
+
+    def sublayer(h, residual, norm):  # dropout, residual, post-norm
+        return norm(layer.residual_connection(layer.dropout_module(h), residual))
+
+    attn, states = layer.self_attn, x.transpose(0, 1)  # [B, T, C]
+    out = attend(attn, attn.q_proj(h) * attn.scaling, attn.k_proj(states), attn.v_proj(states), column)
+    h = sublayer(attn.out_proj(out), h, layer.self_attn_layer_norm)
+    attn, source = layer.encoder_attn, enc.transpose(0, 1)  # [B_enc, S, C]
+    out = attend(attn, attn.q_proj(h) * attn.scaling, attn.k_proj(source), attn.v_proj(source),
+                 column % len(source), enc_mask)
+    h = sublayer(attn.out_proj(out), h, layer.encoder_attn_layer_norm)
+    ffn = layer.activation_dropout_module(layer.activation_fn(layer.fc1(h)))
+    return sublayer(layer.fc2(ffn), h, layer.final_layer_norm)
 
 
 class ElmerDecoder(TransformerDecoder):
@@ -181,9 +240,15 @@ class ElmerDecoder(TransformerDecoder):
         use_gold = torch.rand(gold.shape, device=gold.device) < self.gold_mix_prob
         return torch.where(use_gold & gold.ne(self.padding_idx), gold, predicted)
 
-    def run_layer(self, layer: int, x: Tensor, encoder_out) -> Tensor:
+    def run_layer(self, layer: int, x: Tensor, encoder_out, rows: Optional[Tensor] = None) -> Tensor:
+        """Decoder layer `layer` over the states x [T, B, C]: its output [T, B, C], or with `rows`
+        (indices t*B + b of the positions in flight) theirs alone, [N, C]; every position still
+        serves as a key and value. B may be a multiple of the encoder's batch (LPLM's k
+        permutations of each sequence, column j*B + i) when `rows` is given."""
         enc = encoder_out["encoder_out"][0]
         enc_mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        if rows is not None:
+            return layer_rows(self.layers[layer], x, rows, enc, enc_mask)
         # no self_attn_mask: the NAR decoder attends to every position, left and right
         return self.layers[layer](x, enc, enc_mask)[0]
 
@@ -215,14 +280,42 @@ class ElmerDecoder(TransformerDecoder):
                 x = h
         return layer_logits
 
-    def forward_lplm(self, prev_output_tokens, encoder_out, exit_layers: Tensor) -> Tensor:
+    def lplm_prefix(self, prev_output_tokens, encoder_out, exit_layers: Tensor) -> "LPLMPrefix":
+        """The decoder layers that the K permutations ([K*B, T] exit layers) of each of the B
+        sequences share, run once per sequence: those below the first layer where some position
+        is frozen in one permutation and updated in another. That is at least the first layer,
+        whose input (the [MASK] embeddings) is the same for all; with K = 1, every layer.
+        In training, the shared part draws one dropout mask per sequence, not one per permutation."""
+        bsz, length = prev_output_tokens.shape
+        perms = exit_layers.view(-1, bsz, length)
+        lowest, highest = perms.min(0).values, perms.max(0).values
+        differ = lowest != highest
+        depth = int(lowest[differ].min()) if differ.any() else self.num_layers
+        x = self.lplm_layers(self.embed(prev_output_tokens), encoder_out, perms[0].t(), range(depth))
+        return LPLMPrefix(x, depth)
+
+    def lplm_layers(self, x: Tensor, encoder_out, exit_layers: Tensor, layers) -> Tensor:
+        """x [T, B, C] through `layers`: layer l (0-based) updates the positions with exit layer
+        [T, B] > l and runs their queries and FFN only; the frozen ones serve as keys and values."""
+        for l in layers:
+            rows = (exit_layers > l).flatten().nonzero().squeeze(1)
+            if len(rows) == exit_layers.numel():
+                x = self.run_layer(l, x, encoder_out)
+            elif len(rows):
+                flat = x.reshape(-1, x.size(-1))
+                x = flat.index_copy(0, rows, self.run_layer(l, x, encoder_out, rows)).view_as(x)
+        return x
+
+    def forward_lplm(self, prefix: "LPLMPrefix", encoder_out, exit_layers: Tensor) -> Tensor:
         """LPLM: position t is updated by layers 1..l_t and frozen above; returns the logits of
-        its off-ramp at l_t, [B, T, V]."""
-        x = self.embed(prev_output_tokens)
-        exit_layers = exit_layers.t()  # [T, B]
-        for l in range(self.num_layers):
-            h = self.run_layer(l, x, encoder_out)
-            x = torch.where((exit_layers > l).unsqueeze(-1), h, x)
+        its off-ramp at l_t, [K*B, T, V], for the K permutations of `exit_layers` [K*B, T]
+        (permutation j of sequence i is row j*B + i), continuing from their shared `prefix`."""
+        state, depth = prefix
+        k = exit_layers.size(0) // state.size(1)
+        exit_layers = exit_layers.t()  # [T, K*B]
+        # (above the prefix some position is always frozen, so every layer here runs on a subset
+        # of rows, whose cross-attention reads the B sequences' encoder output as it is)
+        x = self.lplm_layers(state.repeat(1, k, 1), encoder_out, exit_layers, range(depth, self.num_layers))
         if self.off_ramps is None:
             return self.output_layer(x).transpose(0, 1)
         logits = x.new_zeros(*x.shape[:2], len(self.dictionary))
@@ -232,40 +325,63 @@ class ElmerDecoder(TransformerDecoder):
         return logits.transpose(0, 1)
 
     @torch.no_grad()
-    def decode(self, encoder_out, length: int, exit_threshold: float = 0.5) -> Decoded:
-        """One pass over T = `length` [MASK] positions with the model's exit mode."""
+    def decode(self, encoder_out, length: int, exit_threshold: float = 0.5,
+               forced_exits: Optional[Tensor] = None) -> Decoded:
+        """One pass over T = `length` [MASK] positions with the model's exit mode.
+
+        Hard exit runs each layer's queries, attention and FFN on the positions still in flight
+        only; the exited ones keep the state they exited with and serve as keys and values, so
+        a layer costs about its in-flight share of a full one. `forced_exits` ([B, T] exit
+        layers in 1..L) replaces the entropy rule, for tests and benchmarks that need exit
+        schedules an untrained model's entropies do not give."""
         enc = encoder_out["encoder_out"][0]
-        bsz = enc.size(1)
+        bsz, L = enc.size(1), self.num_layers
         masks = enc.new_full((bsz, length), self.mask_idx, dtype=torch.long)
         x = self.embed(masks)  # [T, B, C]
-        M, L = length * bsz, self.num_layers
+        M = length * bsz
+        if self.exit_mode == "soft":
+            for l in range(L):
+                h = self.run_layer(l, x, encoder_out)
+                ramp = off_ramp(h.reshape(M, -1), self.off_ramp_weight(l), 0.0)
+                x = self.fuse(ramp.token.view(length, bsz), h) if l < L - 1 else h
+            return self.batch_major(length, ramp.token, ramp.prob.log(), masks.new_full((M,), L))
+        if not exit_threshold >= 0:  # also rejects NaN
+            raise ValueError(f"--exit-threshold must be >= 0 (an entropy in nats), got {exit_threshold}")
+        if forced_exits is not None:
+            if forced_exits.shape != masks.shape or not ((forced_exits >= 1) & (forced_exits <= L)).all():
+                raise ValueError(f"forced_exits must be [B, T] = {list(masks.shape)} exit layers in 1..{L}, got "
+                                 f"{list(forced_exits.shape)} in {forced_exits.min()}..{forced_exits.max()}")
+            forced_exits = forced_exits.t().reshape(M)
         tokens = masks.new_full((M,), self.dictionary.unk())
         scores = x.new_zeros(M, dtype=torch.float)
         exit_layer = masks.new_full((M,), L)
+        state = x.reshape(M, -1)  # row t*B + b
         active = torch.arange(M, device=x.device)
         for l in range(L):
-            h = self.run_layer(l, x, encoder_out)
-            flat = h.reshape(M, -1)
-            if self.exit_mode == "soft":
-                ramp = off_ramp(flat, self.off_ramp_weight(l), 0.0)
-                tokens, scores = ramp.token, ramp.prob
-                x = self.fuse(tokens.view(length, bsz), h) if l < L - 1 else h
-                continue
+            x = state.view(length, bsz, -1)
+            if len(active) == M:
+                state = self.run_layer(l, x, encoder_out).reshape(M, -1)
+            else:  # the in-flight positions move on; the exited keep their state
+                state.index_copy_(0, active, self.run_layer(l, x, encoder_out, active))
             # the last layer predicts whatever is left, confident or not
             threshold = math.inf if l == L - 1 else exit_threshold
-            ramp = off_ramp(flat, self.off_ramp_weight(l), threshold, active, x.reshape(M, -1))
-            done = active[ramp.exit]
-            tokens[done], scores[done] = ramp.token[ramp.exit], ramp.prob[ramp.exit]
+            ramp = off_ramp(state, self.off_ramp_weight(l), threshold, active)
+            exits = ramp.exit if forced_exits is None or l == L - 1 else forced_exits[active] == l + 1
+            done = active[exits]
+            tokens[done], scores[done] = ramp.token[exits], ramp.prob[exits]
             exit_layer[done] = l + 1
-            active = active[~ramp.exit]
-            x = ramp.state.view_as(h)
-            if active.numel() == 0:  # every position has exited: the upper layers would only copy
+            active = active[~exits]
+            if len(active) == 0:  # every position has exited: the upper layers would only copy
                 break
+        return self.batch_major(length, tokens, scores.log(), exit_layer)
 
-        def batch_major(t):
-            return t.view(length, bsz).t()
+    @staticmethod
+    def batch_major(length: int, tokens: Tensor, scores: Tensor, exit_layer: Tensor) -> Decoded:
+        """Decoded from the decoder's flat [T*B] order."""
+        def view(t):
+            return t.view(length, -1).t()
 
-        return Decoded(batch_major(tokens), batch_major(scores.log()), batch_major(exit_layer))
+        return Decoded(view(tokens), view(scores), view(exit_layer))
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints without this decoder's optional parts (e.g. the soft-exit W of a pretrained

@@ -244,10 +244,12 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
             return self.chunked_lplm(sample, model, criterion)
 
     def chunked_lplm(self, sample, model, criterion, optimizer=None, ignore_grad=False):
-        """LPLM over --lplm-chunk permutations at a time. The encoder runs once; its output enters
-        every chunk's decoder as one detached leaf; each chunk's loss, weighted by its share of the
-        k permutations (the loss is a mean over all k*B*T tokens), is backpropagated into the
-        decoder and the leaf; the leaf's summed gradient then goes through the encoder once."""
+        """LPLM over --lplm-chunk permutations at a time. The encoder, and the decoder layers that
+        all k permutations share (ElmerDecoder.lplm_prefix), run once; their outputs enter every
+        chunk's decoder as detached leaves; each chunk's loss, weighted by its share of the k
+        permutations (the loss is a mean over all k*B*T tokens), is backpropagated into the
+        decoder and the leaves; the leaves' summed gradients then go through the shared layers
+        and the encoder once."""
         net, bsz, c = sample["net_input"], sample["target"].size(0), self.cfg.lplm_chunk
         exit_layers = net["exit_layers"]
         k = exit_layers.size(0) // bsz
@@ -257,12 +259,15 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
         states = encoder_out["encoder_out"][0]  # [S, B, C]
         leaf = states.detach().requires_grad_(optimizer is not None)
         encoder_out = {**encoder_out, "encoder_out": [leaf]}
+        with autocast:
+            prefix = model.decoder.lplm_prefix(net["prev_output_tokens"], encoder_out, exit_layers)
+        shared = prefix.state.detach().requires_grad_(optimizer is not None)
         total, logging_output = 0.0, {}
         for first in range(0, k, c):
             perms = min(c, k - first)
             chunk = {**sample, "net_input": {**net, "exit_layers": exit_layers[first * bsz:(first + perms) * bsz]}}
             with autocast:
-                loss, sample_size, log = criterion(lplm_decoder(model, encoder_out), chunk)
+                loss, sample_size, log = criterion(lplm_decoder(model, encoder_out, prefix._replace(state=shared)), chunk)
             share = perms / k
             loss = loss * share
             if optimizer is not None:
@@ -270,6 +275,8 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
             total = total + loss.detach()
             for key, value in log.items():  # losses are weighted means; counts are the sample's
                 logging_output[key] = logging_output.get(key, 0) + value * share if key.endswith("loss") else value
+        if shared.grad is not None:  # adds the shared layers' part to leaf.grad
+            torch.autograd.backward(prefix.state, shared.grad)
         if leaf.grad is not None:
             torch.autograd.backward(states, leaf.grad)
         return total, sample_size, logging_output
@@ -293,11 +300,12 @@ def _mix(x):
         return x ^ (x >> np.uint64(31))
 
 
-def lplm_decoder(model, encoder_out):
+def lplm_decoder(model, encoder_out, prefix):
     """A stand-in for `model` that the criterion calls on one chunk of permutations: the
-    decoder part of ElmerModel.forward's LPLM branch over an encoder output computed once."""
+    decoder part of ElmerModel.forward's LPLM branch over an encoder output and the
+    permutations' shared decoder layers (`prefix`), computed once."""
     def forward(src_tokens, src_lengths, prev_output_tokens, tgt_tokens, exit_layers):
-        return model.lplm_terms(encoder_out, prev_output_tokens, tgt_tokens, exit_layers)
+        return model.lplm_terms(encoder_out, prev_output_tokens, tgt_tokens, exit_layers, prefix)
 
     return forward
 

@@ -1,0 +1,394 @@
+"""Early exit that saves compute (issue 15): hard-exit decoding and LPLM training run each decoder
+layer's queries, attention and FFN on the positions still in flight only, and LPLM runs the layers
+its k permutations share once per document. They must compute what the implementation before
+issue 15 computed, which this module keeps as the reference (`reference_*`, also timed by
+examples/bench_early_exit.py and examples/bench_lplm.py --before).
+
+Why outputs may differ at all: the new path multiplies the in-flight rows' queries (and, in LPLM,
+the shared layers) in other matrix shapes than the old one, so states differ in the last float32
+bits (~1e-7 relative); tokens and exit layers are compared exactly, scores, losses and gradients
+within 1e-5 relative. With dropout > 0 (training only), the k permutations share the dropout masks
+of the layers they share, where the old code drew one per permutation: same distribution per
+permutation, other random draws; the comparisons here run with dropout 0.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elmer_fairseq.models.elmer import Decoded, layer_rows
+from elmer_fairseq.ops import _ext, off_ramp
+from fairseq import utils
+
+from conftest import tiny_model
+from test_lplm import Backward, corpus, lplm_task  # noqa: F401  (corpus: the LPLM fixture)
+
+LAYERS = 4
+
+
+# ------------------------------------------------------------------ the reference (before issue 15)
+
+def encoder_tensors(encoder_out):
+    enc_mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+    return encoder_out["encoder_out"][0], enc_mask
+
+
+@torch.no_grad()
+def reference_decode(decoder, encoder_out, length, exit_threshold=0.5, forced_exits=None) -> Decoded:
+    """ElmerDecoder.decode before issue 15: every layer runs on all B x T positions and the exited
+    ones' results are dropped; layers stop once every position has exited. `forced_exits` is
+    the new decode's test seam, added here so that both can run one schedule."""
+    enc, enc_mask = encoder_tensors(encoder_out)
+    bsz = enc.size(1)
+    masks = enc.new_full((bsz, length), decoder.mask_idx, dtype=torch.long)
+    x = decoder.embed(masks)  # [T, B, C]
+    M, L = length * bsz, decoder.num_layers
+    forced = None if forced_exits is None else forced_exits.t().reshape(M)
+    tokens = masks.new_full((M,), decoder.dictionary.unk())
+    scores = x.new_zeros(M, dtype=torch.float)
+    exit_layer = masks.new_full((M,), L)
+    active = torch.arange(M, device=x.device)
+    for l in range(L):
+        h = decoder.layers[l](x, enc, enc_mask)[0]
+        flat = h.reshape(M, -1)
+        if decoder.exit_mode == "soft":
+            ramp = off_ramp(flat, decoder.off_ramp_weight(l), 0.0)
+            tokens, scores = ramp.token, ramp.prob
+            x = decoder.fuse(tokens.view(length, bsz), h) if l < L - 1 else h
+            continue
+        threshold = math.inf if l == L - 1 else exit_threshold
+        ramp = off_ramp(flat, decoder.off_ramp_weight(l), threshold, active, x.reshape(M, -1))
+        exits = ramp.exit if forced is None or l == L - 1 else forced[active] == l + 1
+        done = active[exits]
+        tokens[done], scores[done] = ramp.token[exits], ramp.prob[exits]
+        exit_layer[done] = l + 1
+        active = active[~exits]
+        x = ramp.state.view_as(h)
+        if active.numel() == 0:
+            break
+
+    def batch_major(t):
+        return t.view(length, bsz).t()
+
+    return Decoded(batch_major(tokens), batch_major(scores.log()), batch_major(exit_layer))
+
+
+def reference_forward_lplm(decoder, prev_output_tokens, encoder_out, exit_layers):
+    """ElmerDecoder.forward_lplm before issue 15: every layer on every row of the k-fold batch."""
+    enc, enc_mask = encoder_tensors(encoder_out)
+    x = decoder.embed(prev_output_tokens)
+    exit_layers = exit_layers.t()  # [T, B]
+    for l in range(decoder.num_layers):
+        h = decoder.layers[l](x, enc, enc_mask)[0]
+        x = torch.where((exit_layers > l).unsqueeze(-1), h, x)
+    if decoder.off_ramps is None:
+        return decoder.output_layer(x).transpose(0, 1)
+    logits = x.new_zeros(*x.shape[:2], len(decoder.dictionary))
+    for l in range(decoder.num_layers):
+        at = exit_layers == l + 1
+        logits[at] = F.linear(x[at], decoder.off_ramp_weight(l))
+    return logits.transpose(0, 1)
+
+
+def reference_lplm_terms(model, encoder_out, prev_output_tokens, tgt_tokens, exit_layers):
+    """ElmerModel.lplm_terms before issue 15: the batch repeated k times, the decoder on all of it."""
+    bsz = tgt_tokens.size(0)
+    k = exit_layers.size(0) // bsz
+    if k > 1:
+        order = torch.arange(bsz, device=tgt_tokens.device).repeat(k)
+        encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+        prev_output_tokens, tgt_tokens = prev_output_tokens.repeat(k, 1), tgt_tokens.repeat(k, 1)
+    logits = reference_forward_lplm(model.decoder, prev_output_tokens, encoder_out, exit_layers)
+    mask = tgt_tokens.ne(model.decoder.padding_idx)
+    return {"lplm": {"out": logits, "tgt": tgt_tokens, "mask": mask, "ls": model.label_smoothing, "nll_loss": True}}
+
+
+def reference_model(model):
+    """`model` as the criterion calls it, with the reference LPLM decoder."""
+    def forward(src_tokens, src_lengths, prev_output_tokens, tgt_tokens, exit_layers):
+        encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
+        return reference_lplm_terms(model, encoder_out, prev_output_tokens, tgt_tokens, exit_layers)
+
+    return forward
+
+
+# ------------------------------------------------------------------ one layer on a subset of rows
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch_of(task, size):
+    """`size` test pairs; several have sources cut to different lengths, so that the encoder pads."""
+    task.load_dataset("test")
+    dataset = task.dataset("test")
+    items = [dataset[i] for i in range(size)]
+    for i, item in enumerate(items):
+        cut = len(item["source"]) - 17 * i
+        item["source"] = torch.cat([item["source"][:cut - 1], item["source"][-1:]])
+    batch = dataset.collater(items)
+    assert size == 1 or batch["net_input"]["src_tokens"].eq(task.source_dictionary.pad()).any()
+    return batch
+
+
+def encode(model, batch):
+    net = batch["net_input"]
+    return model.encoder(net["src_tokens"], src_lengths=net["src_lengths"])
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("size", [1, 4])
+def test_layer_rows_equal_the_full_layer_at_those_rows(xsum_tiny, training, size):
+    task, model = tiny_model(xsum_tiny, "hard", layers=LAYERS)  # dropout 0
+    batch = batch_of(task, size)
+    enc, enc_mask = encoder_tensors(encode(model, batch))
+    model.train(training)
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(7, size, 32, generator=gen, requires_grad=True)
+    for layer in model.decoder.layers:
+        full = layer(x, enc, enc_mask)[0].reshape(7 * size, 32)
+        for rows in (torch.arange(7 * size), torch.tensor([0]), torch.randperm(7 * size, generator=gen)[:5].sort().values):
+            assert torch.allclose(layer_rows(layer, x, rows, enc, enc_mask), full[rows], atol=1e-5, rtol=1e-5)
+    if training:  # the gradients match as well, into the inputs (keys and values of every row) too
+        rows = torch.tensor([1, 2, 6 * size])
+        full_grad = torch.autograd.grad(layer(x, enc, enc_mask)[0].reshape(-1, 32)[rows].square().sum(), x)[0]
+        part_grad = torch.autograd.grad(layer_rows(layer, x, rows, enc, enc_mask).square().sum(), x)[0]
+        assert torch.allclose(part_grad, full_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_rows_over_permutations_read_their_sequences_encoder_output(xsum_tiny):
+    """x with k columns per sequence (LPLM): column b reads sequence b mod B's source."""
+    task, model = tiny_model(xsum_tiny, "hard", layers=LAYERS)
+    batch = batch_of(task, 3)
+    encoder_out = encode(model, batch)
+    k = 2
+    repeated = model.encoder.reorder_encoder_out(encoder_out, torch.arange(3).repeat(k))
+    x = torch.randn(5, 3 * k, 32)
+    rows = torch.tensor([0, 4, 5, 8, 17, 29])
+    layer = model.decoder.layers[1]
+    full = layer(x, *encoder_tensors(repeated))[0].reshape(-1, 32)
+    assert torch.allclose(layer_rows(layer, x, rows, *encoder_tensors(encoder_out)), full[rows], atol=1e-5)
+
+
+# ------------------------------------------------------------------ decoding
+
+def sharpened(model, factor=6.5):
+    """Per-layer off-ramps scaled so that delta = 0.5 exits positions at several layers (an
+    untrained model's entropies are all near log V)."""
+    if model.decoder.off_ramps is not None:
+        with torch.no_grad():
+            for ramp in model.decoder.off_ramps:
+                ramp.weight.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["shared-ramp", "per-layer-ramps"])
+def hard_model(xsum_tiny, request):
+    task, model = tiny_model(xsum_tiny, "hard", layers=LAYERS, per_layer=request.param)
+    return task, sharpened(model)
+
+
+def median_entropy(model, encoder_out, length):
+    """A delta at which about half of the positions exit at layer 1."""
+    bsz = encoder_out["encoder_out"][0].size(1)
+    x = model.decoder.embed(torch.full((bsz, length), model.decoder.mask_idx, device=encoder_out["encoder_out"][0].device))
+    h = model.decoder.layers[0](x, *encoder_tensors(encoder_out))[0]
+    log_p = torch.log_softmax(F.linear(h, model.decoder.off_ramp_weight(0)), -1)
+    return torch.quantile(-(log_p.exp() * log_p).sum(-1).flatten(), 0.5).item()
+
+
+def same_decoding(new, old):
+    assert torch.equal(new.tokens, old.tokens)
+    assert torch.equal(new.exit_layer, old.exit_layer)
+    assert torch.allclose(new.scores, old.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 4])
+@pytest.mark.parametrize("delta", [0.0, 0.5, math.inf, "median"])
+def test_hard_exit_decodes_as_before(hard_model, size, delta):
+    task, model = hard_model
+    encoder_out = encode(model, batch_of(task, size))
+    median = delta == "median"
+    if median:
+        delta = median_entropy(model, encoder_out, 12)
+    new = model.decoder.decode(encoder_out, 12, delta)
+    same_decoding(new, reference_decode(model.decoder, encoder_out, 12, delta))
+    if delta == math.inf:
+        assert new.exit_layer.eq(1).all()
+    elif delta == 0:
+        assert new.exit_layer.eq(LAYERS).all()
+    elif median:  # some exit at layer 1, some later
+        assert new.exit_layer.eq(1).any() and new.exit_layer.gt(1).any()
+
+
+def test_delta_one_half_exits_at_several_layers_with_per_layer_ramps(xsum_tiny):
+    """Guards the sharpening above: the fixed delta of the comparison does exercise mixed exits."""
+    task, model = tiny_model(xsum_tiny, "hard", layers=LAYERS, per_layer=True)
+    batch = batch_of(task, 4)
+    out = sharpened(model).decoder.decode(encode(model, batch), 12, 0.5)
+    assert len(out.exit_layer.unique()) >= 3
+
+
+def schedules(size, length=12):
+    gen = torch.Generator().manual_seed(size)
+    half = torch.where(torch.rand(size, length, generator=gen) < 0.5, 1, LAYERS)
+    uniform = torch.randint(1, LAYERS + 1, (size, length), generator=gen)
+    one_left = torch.ones(size, length, dtype=torch.long)
+    one_left[-1, -1] = LAYERS  # a single position in flight keeps every layer running
+    return {"half-at-1": half, "uniform": uniform, "one-left": one_left}
+
+
+@pytest.mark.parametrize("size", [1, 4])
+@pytest.mark.parametrize("schedule", ["half-at-1", "uniform", "one-left"])
+def test_forced_schedules_decode_as_before_and_run_the_in_flight_rows_only(hard_model, size, schedule):
+    task, model = hard_model
+    encoder_out = encode(model, batch_of(task, size))
+    forced = schedules(size)[schedule]
+    rows = []
+    hooks = [layer.fc1.register_forward_hook(lambda m, i, o, l=l: rows.append((l, i[0].numel() // i[0].size(-1))))
+             for l, layer in enumerate(model.decoder.layers)]
+    try:
+        new = model.decoder.decode(encoder_out, 12, 0.5, forced_exits=forced)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    same_decoding(new, reference_decode(model.decoder, encoder_out, 12, 0.5, forced))
+    assert torch.equal(new.exit_layer, forced)
+    in_flight = [(l, int(forced.gt(l).sum())) for l in range(LAYERS) if forced.gt(l).any()]
+    assert rows == in_flight
+
+
+@pytest.mark.parametrize("backend, device", [
+    ("torch", "cpu"), ("cpp", "cpu"),
+    pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def test_every_off_ramp_backend_decodes_as_before(xsum_tiny, monkeypatch, backend, device):
+    """The reference, run with the same backend, is the old decode on that backend."""
+    if backend == "cpp":
+        try:
+            _ext.load_extension("cpu")
+        except RuntimeError as err:
+            pytest.skip(f"the C++ off-ramp does not build here: {err}")
+    monkeypatch.setenv("ELMER_OFF_RAMP", backend)
+    task, model = tiny_model(xsum_tiny, "hard", layers=LAYERS, per_layer=True)
+    model = sharpened(model).to(device)
+    batch = utils.move_to_cuda(batch_of(task, 4)) if device == "cuda" else batch_of(task, 4)
+    encoder_out = encode(model, batch)
+    forced = schedules(4)["uniform"].to(device)
+    for delta, schedule in ((0.5, None), (median_entropy(model, encoder_out, 12), None), (0.5, forced)):
+        new = model.decoder.decode(encoder_out, 12, delta, forced_exits=schedule)
+        same_decoding(new, reference_decode(model.decoder, encoder_out, 12, delta, schedule))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("size", [1, 4])
+def test_soft_exit_decodes_as_before(xsum_tiny, per_layer, size):
+    task, model = tiny_model(xsum_tiny, "soft", layers=LAYERS, per_layer=per_layer)
+    encoder_out = encode(model, batch_of(task, size))
+    same_decoding(model.decoder.decode(encoder_out, 12), reference_decode(model.decoder, encoder_out, 12))
+
+
+@pytest.mark.parametrize("forced, needle", [
+    (torch.ones(2, 12, dtype=torch.long), "forced_exits must be [B, T] = [4, 12]"),
+    (torch.zeros(4, 12, dtype=torch.long), "exit layers in 1..4"),
+    (torch.full((4, 12), LAYERS + 1), "exit layers in 1..4"),
+])
+def test_a_forced_schedule_that_makes_no_sense_is_refused(hard_model, forced, needle):
+    task, model = hard_model
+    with pytest.raises(ValueError) as err:
+        model.decoder.decode(encode(model, batch_of(task, 4)), 12, 0.5, forced_exits=forced)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("delta", [-0.1, math.nan])
+def test_a_negative_or_nan_delta_is_refused(hard_model, delta):
+    task, model = hard_model
+    with pytest.raises(ValueError, match="--exit-threshold must be >= 0"):
+        model.decoder.decode(encode(model, batch_of(task, 4)), 12, delta)
+
+
+# ------------------------------------------------------------------ LPLM training
+
+@pytest.fixture(scope="module", params=[False, True], ids=["shared-ramp", "per-layer-ramps"])
+def lplm_setup(corpus, request):  # noqa: F811
+    """A tiny LPLM model (1+3 layers, dropout 0) and 4 documents."""
+    args, task = lplm_task(corpus, *(["--per-layer-off-ramps"] if request.param else []))
+    torch.manual_seed(0)
+    model = task.build_model(args)
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    return task, model, task.build_criterion(args), dataset.collater([dataset[i] for i in range(4)])
+
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def lplm_step(task, model, criterion, batch, k, chunk=0):
+    task.cfg.lplm_permutations, task.cfg.lplm_chunk = k, chunk
+    model.zero_grad(set_to_none=True)
+    loss, _, _ = task.train_step({**batch, "net_input": dict(batch["net_input"])}, model, criterion, Backward, 0)
+    return loss.detach(), gradients(model)
+
+
+def reference_step(task, model, criterion, batch, k):
+    task.cfg.lplm_permutations = k
+    model.train()
+    model.zero_grad(set_to_none=True)
+    exit_layers = task.document_exit_layers(batch, model, 0)  # what train_step draws at update 0
+    loss, _, _ = criterion(reference_model(model), {**batch, "net_input": {**batch["net_input"], "exit_layers": exit_layers}})
+    loss.backward()
+    return loss.detach(), gradients(model)
+
+
+@pytest.mark.parametrize("k, chunk", [(1, 0), (3, 0), (3, 2), (10, 0), (10, 4), (10, 1)])
+def test_lplm_loss_and_gradients_equal_the_reference(lplm_setup, k, chunk):
+    """In float64 every parameter's gradient equals the reference's to 1e-5 relative (in fact
+    ~1e-8: fairseq's attention softmax is float32 even then), except the key projections' biases,
+    whose gradient is 0 in exact arithmetic (a bias shifts all of a query's scores alike): there
+    both sides are rounding noise, checked to be ~0. In float32 some gradients (the key
+    projections') are sums that nearly cancel, with ~1e-5 relative noise of their own; the whole
+    gradient agrees to 1e-5."""
+    task, model, criterion, batch = lplm_setup
+    results = {}
+    try:
+        for dtype in (torch.float64, torch.float32):
+            model.to(dtype)
+            results[dtype] = (reference_step(task, model, criterion, batch, k),
+                              lplm_step(task, model, criterion, batch, k, chunk))
+    finally:
+        task.cfg.lplm_permutations, task.cfg.lplm_chunk = 3, 0
+        model.float()
+    for dtype, ((ref_loss, ref_grads), (loss, grads)) in results.items():
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        flat, ref_flat = (torch.cat([g[n].flatten() for n in sorted(ref_grads)]) for g in (grads, ref_grads))
+        assert (flat - ref_flat).norm() <= 1e-5 * ref_flat.norm()
+        if dtype == torch.float64:
+            for name, ref in ref_grads.items():
+                if name.endswith("k_proj.bias"):
+                    assert max(ref.norm(), grads[name].norm()) <= 1e-6 * ref_flat.norm(), name
+                else:
+                    assert (grads[name] - ref).norm() <= 1e-5 * ref.norm(), name
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_lplm_runs_the_first_layer_once_per_document_and_frozen_rows_nowhere(lplm_setup, k):
+    task, model, criterion, batch = lplm_setup
+    task.cfg.lplm_permutations = k
+    exit_layers = task.document_exit_layers(batch, model, 0)
+    rows = []
+    hooks = [layer.fc1.register_forward_hook(lambda m, i, o, l=l: rows.append((l, i[0].numel() // i[0].size(-1))))
+             for l, layer in enumerate(model.decoder.layers)]
+    try:
+        lplm_step(task, model, criterion, batch, k)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        task.cfg.lplm_permutations = 3
+    assert rows == [(l, int(exit_layers.gt(l).sum()) // (k if l == 0 else 1)) for l in range(3)]
