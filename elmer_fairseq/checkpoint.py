@@ -7,6 +7,7 @@ exactly those keeps torch's protection on instead of asking users to switch it o
 A checkpoint that holds anything else, or that is cut short, fails with a message naming the
 file and what to do. Objects of a checkpoint one trusts are allowed by name with `trust(...)`, or
 for a command line with ELMER_TRUSTED_GLOBALS=module.Name,... (read when the plugin is imported).
+The allow-list and fairseq's loader are patched by `elmer_fairseq/patches.py`, at import.
 """
 import argparse
 import collections
@@ -15,13 +16,9 @@ import os
 import re
 
 import torch
-from fairseq import checkpoint_utils
 
 # What fairseq 0.12 pickles into a checkpoint besides tensors and builtins.
 FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace, collections.OrderedDict, collections.defaultdict]
-
-if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_GLOBALS)
 
 
 def trust(*names: str):
@@ -40,9 +37,14 @@ def trust(*names: str):
 
 def unreadable(path, error: Exception):
     """Why torch's safe loading could not read the checkpoint `path` (`error` is what it raised),
-    or None when the file itself is fine."""
+    or None when that is not about the file's content (an I/O error such as no permission: the
+    caller raises `error` as it is)."""
+    if isinstance(error, OSError):
+        return None
     try:
         listed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except OSError:
+        return None
     except Exception:  # not a complete archive written by torch.save
         listed = None
     # what it lists, and what only shows once those are allowed (numpy's dtype classes)
@@ -61,22 +63,3 @@ def unreadable(path, error: Exception):
                 f"another checkpoint of the run (checkpoint_best.pt, checkpoint_<epoch>_<updates>.pt; "
                 f"fairseq-train resumes from one with --restore-file)")
     return None
-
-
-fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
-
-
-def load_checkpoint_to_cpu(path, *args, **kwargs):
-    try:
-        return fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
-    except Exception as error:
-        problem = unreadable(path, error) if os.path.isfile(path) else None
-        if problem is None:
-            raise
-        # from None: torch's own advice is to switch safe loading off
-        raise RuntimeError(problem) from None
-
-
-# fairseq-train (resuming, --finetune-from-model), fairseq-generate and the hub all load here
-checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-trust(*filter(None, os.environ.get("ELMER_TRUSTED_GLOBALS", "").split(",")))

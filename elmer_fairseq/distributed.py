@@ -6,7 +6,8 @@ rendezvous address either asks for GPUs that a CPU machine lacks or, with --dist
 trains every process alone; under torchrun on CPU it divides by the CUDA device count; with
 --cpu, --ddp-backend c10d hands GPU ids to PyTorch's DDP. Importing this plugin (--user-dir)
 wraps two functions of `fairseq.distributed.utils`, which fairseq-train calls by module
-attribute, so that these cases fail at once with an error that names the option:
+attribute (the wrappers are in `elmer_fairseq/patches.py`), so that these cases fail at once
+with an error that names the option:
 
 - `call_main`: the options are checked before anything starts; under torchrun (on CPU as on GPU)
   the rank and world size are taken from torchrun's environment, one device per process;
@@ -17,17 +18,13 @@ attribute, so that these cases fail at once with an error that names the option:
 
 `python -m elmer_fairseq.launch` starts one process per rank with the right flags.
 """
-import logging
 import os
 import time
-import warnings
 from datetime import timedelta
 from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 RENDEZVOUS_TIMEOUT_ENV = "ELMER_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT = 300.0
@@ -178,42 +175,3 @@ def rendezvous(url: str, world: int, rank: int, timeout: float):
                            f"see rank 0's error") from None
     store.set_timeout(timedelta(minutes=30))  # PyTorch's default for what follows
     return store
-
-
-_original = {}
-
-
-def distributed_init(cfg):
-    """fairseq's distributed_init, after a bounded rendezvous for tcp:// addresses."""
-    from omegaconf import DictConfig
-
-    if isinstance(cfg, DictConfig) and not cfg.common.tpu and not dist.is_initialized():
-        dt = cfg.distributed_training
-        url = dt.distributed_init_method or ""
-        if url.startswith("tcp://"):
-            rank, world = dt.distributed_rank, dt.distributed_world_size
-            store = rendezvous(url, world, rank, rendezvous_timeout())
-            logger.info(f"distributed init (rank {rank}): {url}, {world} processes joined")
-            dist.init_process_group(backend=dt.distributed_backend, store=store, world_size=world, rank=rank)
-            if dt.distributed_backend == "nccl":  # as fairseq does: set up the NCCL communicator now
-                dist.all_reduce(torch.zeros(1).cuda())
-    return _original["distributed_init"](cfg)
-
-
-def call_main(cfg, main, **kwargs):
-    check_distributed_options(cfg)
-    return _original["call_main"](cfg, main, **kwargs)
-
-
-def install():
-    """Wrap fairseq.distributed.utils.call_main and distributed_init (idempotent)."""
-    from fairseq.distributed import utils as fairseq_distributed
-
-    if _original:
-        return
-    _original["call_main"] = fairseq_distributed.call_main
-    _original["distributed_init"] = fairseq_distributed.distributed_init
-    fairseq_distributed.call_main = call_main
-    fairseq_distributed.distributed_init = distributed_init
-    # fairseq's distributed_init finds the process group already built by ours
-    warnings.filterwarnings("ignore", message="Distributed is already initialized, cannot initialize twice")

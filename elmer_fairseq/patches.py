@@ -1,0 +1,149 @@
+"""Every change this plugin makes to fairseq's and torch's own functions, in one place.
+
+Importing `elmer_fairseq` (which `--user-dir` does) calls `install()` once. It was written for
+fairseq 0.12 (0.12.2, and fairseq-fixed 0.12.3.x on Python >= 3.11); with another version it
+still patches, after a warning, because the wrapped functions may have changed. It patches:
+
+1. torch's safe-loading allow-list (`torch.serialization.add_safe_globals`): the few plain Python
+   classes fairseq 0.12 pickles into every checkpoint (`checkpoint.FAIRSEQ_CHECKPOINT_GLOBALS`),
+   and the names in ELMER_TRUSTED_GLOBALS=module.Name,... (`checkpoint.trust`). torch >= 2.6
+   loads with `weights_only=True`, which refuses them;
+2. `fairseq.checkpoint_utils.load_checkpoint_to_cpu` (fairseq-train resuming or
+   --finetune-from-model, fairseq-generate, the hub all load through it): a checkpoint that is cut
+   short, or that holds objects safe loading refuses, fails with a message naming the file and
+   what to do (`checkpoint.unreadable`); other errors (a missing file, no permission) pass as
+   they are;
+3. `fairseq.distributed.utils.call_main`: the distributed options are checked before anything
+   starts, and torchrun's environment is read on CPU too (`distributed.check_distributed_options`);
+4. `fairseq.distributed.utils.distributed_init`: with `--distributed-init-method tcp://...`, a
+   rendezvous with a deadline (ELMER_RENDEZVOUS_TIMEOUT) instead of a hang
+   (`distributed.rendezvous`), and the warning fairseq's own init then gives is silenced.
+
+ELMER_FAIRSEQ_NO_PATCHES=1 leaves fairseq and torch untouched (the models, tasks, criterion and
+BPE are still registered). Then, with torch >= 2.6, no fairseq checkpoint loads (fairseq-generate,
+resuming, ELMER.from_pretrained) unless safe loading is switched off with
+TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 or the classes are allowed by hand; ELMER_TRUSTED_GLOBALS is
+not read; damaged checkpoints fail with torch's own error; and bad distributed options fail as
+fairseq 0.12 lets them (a 30-minute rendezvous wait, or an error deep inside).
+
+What was patched is logged at debug level (logger `elmer_fairseq.patches`).
+"""
+import logging
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, distributed
+
+logger = logging.getLogger(__name__)
+
+OPT_OUT_ENV = "ELMER_FAIRSEQ_NO_PATCHES"
+WRITTEN_FOR = "0.12"  # fairseq's major.minor version that every wrapper below was written against
+
+_original = {}  # "module.function" -> fairseq's function, once installed
+
+
+class FairseqVersionWarning(UserWarning):
+    """The installed fairseq is not the version these patches were written for."""
+
+
+def opted_out() -> bool:
+    return os.environ.get(OPT_OUT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def check_version(version: str) -> bool:
+    """Whether `version` is a fairseq 0.12.x; warns (FairseqVersionWarning) when it is not."""
+    if version.split(".")[:2] == WRITTEN_FOR.split("."):
+        return True
+    warnings.warn(
+        f"elmer_fairseq was written for fairseq {WRITTEN_FOR}.x, found fairseq {version}: its patches of "
+        f"fairseq's checkpoint loading and distributed start-up (elmer_fairseq/patches.py) may not fit. "
+        f"If either fails, install fairseq 0.12 (fairseq-fixed==0.12.3.1 on Python >= 3.11) or set "
+        f"{OPT_OUT_ENV}=1", FairseqVersionWarning, stacklevel=3)
+    return False
+
+
+# ---------------------------------------------------------------- the wrappers
+
+
+def load_checkpoint_to_cpu(path, *args, **kwargs):
+    """fairseq's loader; a damaged checkpoint, or one with objects safe loading refuses, is named
+    with what to do. Any other error (I/O: missing, no permission) is raised unchanged."""
+    try:
+        return _original["fairseq.checkpoint_utils.load_checkpoint_to_cpu"](path, *args, **kwargs)
+    except Exception as error:
+        problem = checkpoint.unreadable(path, error) if os.path.isfile(path) else None
+        if problem is None:
+            raise
+        if "safe loading does not allow" in problem:
+            # from None: torch's message advises switching safe loading off; ours lists exactly the
+            # objects to allow instead
+            raise RuntimeError(problem) from None
+        raise RuntimeError(problem) from error
+
+
+def call_main(cfg, main, **kwargs):
+    distributed.check_distributed_options(cfg)
+    return _original["fairseq.distributed.utils.call_main"](cfg, main, **kwargs)
+
+
+def distributed_init(cfg):
+    """fairseq's distributed_init, after a bounded rendezvous for tcp:// addresses."""
+    from omegaconf import DictConfig
+
+    if isinstance(cfg, DictConfig) and not cfg.common.tpu and not dist.is_initialized():
+        dt = cfg.distributed_training
+        url = dt.distributed_init_method or ""
+        if url.startswith("tcp://"):
+            rank, world = dt.distributed_rank, dt.distributed_world_size
+            store = distributed.rendezvous(url, world, rank, distributed.rendezvous_timeout())
+            logger.info(f"distributed init (rank {rank}): {url}, {world} processes joined")
+            dist.init_process_group(backend=dt.distributed_backend, store=store, world_size=world, rank=rank)
+            if dt.distributed_backend == "nccl":  # as fairseq does: set up the NCCL communicator now
+                dist.all_reduce(torch.zeros(1).cuda())
+    return _original["fairseq.distributed.utils.distributed_init"](cfg)
+
+
+# ---------------------------------------------------------------- installing them
+
+
+def _wrap(module, name: str, wrapper):
+    key = f"{module.__name__}.{name}"
+    original = getattr(module, name, None)
+    if original is None:
+        warnings.warn(f"elmer_fairseq: {key} not found in this fairseq; left unpatched", FairseqVersionWarning)
+        return
+    _original[key] = original
+    setattr(module, name, wrapper)
+    logger.debug(f"patched {key}")
+
+
+def install() -> bool:
+    """Installs every patch above, once per process (later calls do nothing); nothing when
+    ELMER_FAIRSEQ_NO_PATCHES is set. Returns whether the patches are in place."""
+    if _original:
+        return True
+    if opted_out():
+        logger.debug(f"{OPT_OUT_ENV} is set: fairseq and torch left unpatched")
+        return False
+    import fairseq
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as fairseq_distributed
+
+    check_version(getattr(fairseq, "__version__", "unknown"))
+    if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+        torch.serialization.add_safe_globals(checkpoint.FAIRSEQ_CHECKPOINT_GLOBALS)
+        logger.debug("allowed in torch's safe loading: "
+                     + ", ".join(f"{c.__module__}.{c.__qualname__}" for c in checkpoint.FAIRSEQ_CHECKPOINT_GLOBALS))
+    trusted = [n for n in os.environ.get("ELMER_TRUSTED_GLOBALS", "").split(",") if n.strip()]
+    if trusted:
+        checkpoint.trust(*trusted)
+        logger.debug(f"allowed in torch's safe loading (ELMER_TRUSTED_GLOBALS): {', '.join(trusted)}")
+    _wrap(checkpoint_utils, "load_checkpoint_to_cpu", load_checkpoint_to_cpu)
+    _wrap(fairseq_distributed, "call_main", call_main)
+    _wrap(fairseq_distributed, "distributed_init", distributed_init)
+    # fairseq's distributed_init finds the process group already built by ours
+    warnings.filterwarnings("ignore", message="Distributed is already initialized, cannot initialize twice")
+    return True
