@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, USER_DIR, generate_args, hypotheses, run_cli
+from conftest import BIN, USER_DIR, generate_args, hypotheses, run_cli, train_args
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -69,3 +69,30 @@ def test_fairseq_interactive_reads_raw_lines_like_the_python_api(xsum_tiny, trai
     assert any(expected) and hypotheses(proc.stdout) == dict(enumerate(expected))
     detokenized = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t\S+\t?(.*)$", proc.stdout, re.M)}
     assert detokenized == dict(enumerate(expected))
+
+
+def scalars(event_file):
+    """{tag: [(step, value)]} of a TensorBoard event file (TFRecords: length, CRC, Event, CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, out, at = event_file.read_bytes(), {}, 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at: at + 8])
+        event = event_pb2.Event.FromString(data[at + 12: at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_logdir_writes_training_curves(xsum_tiny, tmp_path):
+    """fairseq's --tensorboard-logdir works out of the box (tensorboardX is in requirements.txt)."""
+    proc = run_cli("fairseq-train", *train_args(xsum_tiny, tmp_path / "ckpt", "--tensorboard-logdir", tmp_path / "tb",
+                                                updates=2))
+    assert "Please install tensorboardX" not in proc.stdout
+    events = {p.parent.name: p for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}
+    assert {"train_inner", "train", "valid"} <= set(events), sorted(events)
+    curve = scalars(events["train_inner"])["loss"]
+    assert [step for step, _ in curve] == [1, 2] and all(loss > 0 for _, loss in curve)
