@@ -4,10 +4,13 @@
 Times one training step (forward + backward of task elmer_lplm's train_step: the encoder once,
 the decoder on k permutations) on random tokens, for each k, and prints a markdown table: median
 step time over --steps steps after --warmup, its ratio to the first k, and peak memory. The goal
-(issue 4): k = 10 costs at most 4x k = 1, because the encoder is shared.
+(issues 4 and 15): k = 10 costs at most 4x k = 1, because the encoder and the decoder layers the
+permutations share run once. --before also times the implementation before issue 15 (every
+layer on every position of the k-fold batch; kept in tests/test_early_exit.py) on the same steps.
 
     python examples/bench_lplm.py                                  # elmer_base, V=50265, T=256, B=1
     python examples/bench_lplm.py --length 128 --device cpu        # what fits a small CPU
+    python examples/bench_lplm.py --length 128 --device cpu --threads 1 --before
 
 On CUDA the time comes from CUDA events and memory from torch.cuda.max_memory_allocated (reset
 before each k). On CPU the time is wall time and memory is the process's peak RSS so far
@@ -15,6 +18,7 @@ before each k). On CPU the time is wall time and memory is the process's peak RS
 higher); it includes the model and Python, not only the step.
 """
 import argparse
+import functools
 import resource
 import statistics
 import sys
@@ -43,7 +47,8 @@ def build(args, folder: Path):
     n_symbols = args.vocab - 5  # + <s> <pad> </s> <unk> and the task's <mask>
     (folder / "dict.txt").write_text("".join(f"{i} 1\n" for i in range(n_symbols)))
     argv = [str(folder), "--user-dir", str(ROOT / "elmer_fairseq"), "--task", "elmer_lplm", "--arch", args.arch,
-            "--criterion", "elmer_loss", "--tokens-per-sample", str(args.length), "--lplm-chunk", str(args.chunk)]
+            "--criterion", "elmer_loss", "--tokens-per-sample", str(args.length), "--lplm-chunk", str(args.chunk),
+            *args.model_args.split()]
     if args.device == "cpu":
         argv.append("--cpu")
     parsed = options.parse_args_and_arch(options.get_training_parser(), argv)
@@ -79,9 +84,10 @@ def step_ms(task, model, criterion, sample, cuda: bool) -> float:
     return 1000 * (time.perf_counter() - t0)
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="elmer_base", help="model architecture (default: elmer_base, d=768, 6+6)")
+    p.add_argument("--model-args", default="", help="more model flags, e.g. '--encoder-embed-dim 512' (default: none)")
     p.add_argument("--vocab", type=int, default=50265, help="vocabulary size V (default: 50265, BART's)")
     p.add_argument("--length", type=int, default=256, help="T: source and target length (default: 256)")
     p.add_argument("--batch", type=int, default=1, help="documents per step (default: 1)")
@@ -91,7 +97,31 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per k first (default: 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    args = p.parse_args()
+    p.add_argument("--before", action="store_true",
+                   help="also time the implementation before issue 15 (tests/test_early_exit.py), "
+                        "alternating with the current one step by step; needs --chunk 0")
+    return p
+
+
+def timed_ms(args, task, model, criterion, sample, cuda: bool, implementations: dict) -> dict:
+    """Median step ms of each implementation (name -> the model's lplm_terms), their steps
+    interleaved so that a busy machine slows them alike."""
+    times = {name: [] for name in implementations}
+    for step in range(args.warmup + args.steps):
+        for name, lplm_terms in implementations.items():
+            model.lplm_terms = lplm_terms
+            ms = step_ms(task, model, criterion, sample, cuda)
+            if step >= args.warmup:
+                times[name].append(ms)
+    del model.lplm_terms  # the class's own again
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(args=None):
+    args = args or parser().parse_args()
+    if args.before and args.chunk:
+        raise ValueError(f"--before times the reference implementation, which has no --lplm-chunk path; "
+                         f"got --chunk {args.chunk} (use 0)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -105,7 +135,16 @@ def main():
           f"B={args.batch}, lplm-chunk={args.chunk}, fp32, {device}; median of {args.steps} steps after "
           f"{args.warmup} warm-up\n")
     memory = "peak memory (torch.cuda.max_memory_allocated)" if cuda else "peak RSS so far (getrusage)"
-    print(f"| k | step ms (fwd+bwd) | x first k | {memory} |\n|---|---|---|---|")
+    implementations = {"after": model.lplm_terms}
+    if args.before:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_early_exit import reference_lplm_terms
+
+        implementations = {"before": functools.partial(reference_lplm_terms, model), **implementations}
+        print(f"| k | before: step ms (fwd+bwd) | x first k | after: step ms | x first k | after / before | {memory} |\n"
+              f"|---|---|---|---|---|---|---|")
+    else:
+        print(f"| k | step ms (fwd+bwd) | x first k | {memory} |\n|---|---|---|---|")
     first = None
     for k in sorted(args.ks):
         task.cfg.lplm_permutations = k
@@ -113,11 +152,12 @@ def main():
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        times = [step_ms(task, model, criterion, sample, cuda) for _ in range(args.warmup + args.steps)]
-        ms = statistics.median(times[args.warmup:])
+        ms = timed_ms(args, task, model, criterion, sample, cuda, implementations)
         first = first or ms
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"| {k} | {ms:.1f} | {ms / first:.2f} | {peak:.2f} GiB |", flush=True)
+        cells = "".join(f" {ms[name]:.1f} | {ms[name] / first[name]:.2f} |" for name in implementations)
+        speedup = f" {ms['after'] / ms['before']:.2f} |" if args.before else ""
+        print(f"| {k} |{cells}{speedup} {peak:.2f} GiB |", flush=True)
 
 
 if __name__ == "__main__":

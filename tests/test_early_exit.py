@@ -12,6 +12,8 @@ of the layers they share, where the old code drew one per permutation: same dist
 permutation, other random draws; the comparisons here run with dropout 0.
 """
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from elmer_fairseq.models.elmer import Decoded, layer_rows
 from elmer_fairseq.ops import _ext, off_ramp
 from fairseq import utils
 
-from conftest import tiny_model
+from conftest import ROOT, cli_env, tiny_model
 from test_lplm import Backward, corpus, lplm_task  # noqa: F401  (corpus: the LPLM fixture)
 
 LAYERS = 4
@@ -392,3 +394,24 @@ def test_lplm_runs_the_first_layer_once_per_document_and_frozen_rows_nowhere(lpl
             hook.remove()
         task.cfg.lplm_permutations = 3
     assert rows == [(l, int(exit_layers.gt(l).sum()) // (k if l == 0 else 1)) for l in range(3)]
+
+
+# ------------------------------------------------------------------ the benchmark runs
+
+def test_the_benchmark_prints_both_tables_and_writes_its_plot(tmp_path):
+    png = tmp_path / "plot.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "bench_early_exit.py"), "--arch", "elmer_tiny", "--vocab", "300",
+         "--length", "6", "--source-length", "6", "--batches", "1", "2", "--shares", "0", "0.5", "--repeats", "1",
+         "--warmup", "0", "--png", str(png), "--lplm-length", "8", "--lplm-steps", "1"],
+        capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| share exiting at layer 1 |") == 2 and "| 0.50 | 2.00 |" in proc.stdout
+    assert "| k | before: step ms" in proc.stdout and "\n| 10 |" in proc.stdout
+    assert png.stat().st_size > 0
+
+
+def test_the_benchmark_refuses_a_share_outside_0_1():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_early_exit.py"), "--shares", "0.5", "1.5"],
+                          capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert proc.returncode != 0 and "--shares: each share must be in [0, 1], got 1.5" in proc.stderr
