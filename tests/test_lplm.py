@@ -312,6 +312,29 @@ def test_k_permutations_in_one_batch_equal_k_separate_passes(lplm):
         assert torch.allclose(nll_batched, nll_alone, atol=1e-5)
 
 
+def test_per_layer_off_ramps_score_each_token_with_its_exit_layers_own(corpus, monkeypatch):
+    """forward_lplm with --per-layer-off-ramps: a token that exits at layer l is scored by off-ramp
+    l. Off-ramp l is set to 2^(l-1) x the shared projection, so its logits must be 2^(l-1) x those
+    the shared off-ramp gives the same states (a power of two scales a float exactly)."""
+    args, task = lplm_task(corpus, "--lplm-permutations", "2", "--per-layer-off-ramps")
+    torch.manual_seed(0)
+    model = task.build_model(args).eval()
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    batch = dataset.collater([dataset[i] for i in range(4)])
+    decoder = model.decoder
+    exit_layers = random_exit_layers(batch, k=2)
+    assert all(exit_layers.eq(l).any() for l in (1, 2, 3))
+    with torch.no_grad():
+        for l, ramp in enumerate(decoder.off_ramps):
+            ramp.weight.copy_(decoder.output_projection.weight * 2 ** l)
+        per_layer = run(model, batch, exit_layers)
+        monkeypatch.setattr(decoder, "off_ramps", None)  # the shared off-ramp's branch
+        shared = run(model, batch, exit_layers)
+    scale = (2.0 ** (exit_layers - 1)).unsqueeze(-1)
+    torch.testing.assert_close(per_layer, shared * scale, rtol=1e-5, atol=1e-5)
+
+
 def train_step(task, model, criterion, batch, chunk, seed=0):
     task.cfg.lplm_chunk = chunk
     model.zero_grad(set_to_none=True)
