@@ -18,5 +18,6 @@ setup(
     python_requires=">=3.8",
     install_requires=["torch>=2.0", "rouge-score", "sacrebleu", "tokenizers", "tqdm"] + fairseq_req,
     entry_points={"console_scripts": ["elmer-generate=elmer_fairseq.cli:main",
-                                     "elmer-convert=elmer_fairseq.convert:main"]},
+                                     "elmer-convert=elmer_fairseq.convert:main",
+                                     "elmer-check=elmer_fairseq.check:main"]},
 )

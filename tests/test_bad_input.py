@@ -10,17 +10,10 @@ import subprocess
 
 import pytest
 import torch
-from fairseq import options, tasks
+from fairseq import options
 
-from conftest import (BIN, TINY, USER_DIR, cli_env, expect_failure, generate_args, hypotheses, preprocess,
-                      run_cli, train_args, write_pairs)
-
-
-def setup_task(data, *extra, task="elmer_translation"):
-    """(args, task) as fairseq-train builds them, in this process."""
-    args = options.parse_args_and_arch(options.get_training_parser(),
-                                       [str(data), "--user-dir", str(USER_DIR), "--task", task, *TINY, *extra])
-    return args, tasks.setup_task(args)
+from conftest import (BIN, USER_DIR, cli_env, expect_failure, generate_args, hypotheses, preprocess, run_cli,
+                      setup_task, train_args, update_losses, write_pairs)
 
 
 # ---------------------------------------------------------------- options
@@ -200,6 +193,7 @@ def test_transformer_checkpoint_to_elmer_generate(xsum_tiny, transformer, tmp_pa
 def test_pretrained_checkpoint_to_fairseq_generate(xsum_tiny, trained, tmp_path):
     state = torch.load(trained["soft"], map_location="cpu")
     state["cfg"]["model"].exit_mode = "lplm"  # what --task elmer_lplm writes: no exit policy, no soft-exit W
+    state["cfg"]["model"].gold_mix_prob = 0.0  # nothing fused, nothing mixed
     del state["model"]["decoder.soft_exit.weight"]
     torch.save(state, tmp_path / "lplm.pt")
     expect_failure("fairseq-generate", generate_args(xsum_tiny, tmp_path / "lplm.pt"),
@@ -341,10 +335,6 @@ def test_fairseq_interactive_input_longer_than_the_positions(xsum_tiny, trained,
 
 
 # ---------------------------------------------------------------- interrupted training
-
-
-def update_losses(stdout):
-    return {int(n): loss for loss, n in re.findall(r"\| train_inner \|.* loss=([\d.]+),.* num_updates=(\d+)", stdout)}
 
 
 def test_killed_training_resumes_with_the_same_data(xsum_tiny, tmp_path):

@@ -62,11 +62,7 @@ class ElmerModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        if getattr(args, "decoder_normalize_before", False):
-            raise ValueError(
-                "--decoder-normalize-before is not supported by ELMER: the off-ramps read each "
-                "layer's output directly and exited states are copied upward as they are"
-            )
+        refuse_unsupported(args)
         if MASK_SYMBOL not in task.target_dictionary:
             raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use an ELMER task")
         args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None))
@@ -392,6 +388,44 @@ class ElmerDecoder(TransformerDecoder):
             if key.startswith(("soft_exit.", "off_ramps.")) and prefix + key not in state_dict:
                 state_dict[prefix + key] = value
         return state_dict
+
+
+# fairseq Transformer options that ELMER's decoder cannot honour: (option, the one value it supports, why)
+UNSUPPORTED = [
+    ("decoder_normalize_before", False, "the off-ramps read each layer's output directly and exited states "
+                                        "are copied upward as they are (post-norm only)"),
+    ("no_decoder_final_norm", False, "ELMER's post-norm decoder has no final norm to drop"),
+    ("no_cross_attention", False, "ELMER's decoder reads the source only through cross-attention"),
+    ("cross_self_attention", False, "ELMER's decoder layers attend to the source through cross-attention only"),
+    ("decoder_layerdrop", 0, "every decoder layer has an off-ramp and a loss term, and exit layers are "
+                             "layer indices: dropping decoder layers is not defined"),
+    ("adaptive_input", False, "ELMER's inputs are [MASK] and its fused predictions: a plain embedding"),
+    ("adaptive_softmax_cutoff", None, "every off-ramp is a full softmax over the tied embedding"),
+    ("adaptive_softmax_dropout", 0, "every off-ramp is a full softmax over the tied embedding"),
+    ("adaptive_softmax_factor", 4, "every off-ramp is a full softmax over the tied embedding"),
+    ("tie_adaptive_weights", False, "every off-ramp is a full softmax over the tied embedding"),
+    ("tie_adaptive_proj", False, "every off-ramp is a full softmax over the tied embedding"),
+    ("base_layers", 0, "BASE layers would sit between the decoder layers without off-ramps"),
+    ("base_sublayers", 1, "only with --base-layers, which ELMER does not support"),
+    ("base_shuffle", 1, "only with --base-layers, which ELMER does not support"),
+    ("char_inputs", False, "fairseq's Transformer does not implement it (it would be ignored)"),
+    ("quant_noise_scalar", 0, "fairseq's Transformer does not implement it (it would be ignored)"),
+    ("decoder_xformers_att_config", None, "ELMER's decoder uses fairseq's attention modules"),
+    ("merge_src_tgt_embed", False, "use --share-all-embeddings over a joined dictionary"),
+    ("encoder_layers_to_keep", None, "fairseq 0.12's Transformer fails on it (AttributeError); set --encoder-layers"),
+    ("decoder_layers_to_keep", None, "fairseq 0.12's Transformer fails on it (AttributeError); set --decoder-layers"),
+]
+
+
+def refuse_unsupported(args):
+    for name, supported, why in UNSUPPORTED:
+        value = getattr(args, name, supported)
+        if value != supported:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: not supported by ELMER: {why}")
+    output_dim = getattr(args, "decoder_output_dim", None)
+    if output_dim not in (None, args.decoder_embed_dim):
+        raise ValueError(f"--decoder-output-dim {output_dim}: not supported by ELMER: the off-ramps read the "
+                         f"layers' states, of --decoder-embed-dim {args.decoder_embed_dim}")
 
 
 def resolve_gold_mix(exit_mode, prob):

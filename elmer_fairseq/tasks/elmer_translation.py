@@ -172,6 +172,12 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         if cfg.max_target_length > cfg.max_target_positions:
             raise ValueError(f"--max-target-length {cfg.max_target_length} exceeds "
                              f"--max-target-positions {cfg.max_target_positions}")
+        if cfg.load_alignments:
+            raise ValueError("--load-alignments: ELMER has no alignment supervision; it would load the "
+                             "alignments and ignore them")
+        if cfg.left_pad_target:
+            raise ValueError("--left-pad-target: ELMER's targets are right-padded to T, position t of the "
+                             "output at [MASK] t")
         # fail before any data loads; without --exit-mode the model decides (build_model/generator)
         resolve_exit_options(cfg.exit_mode or "hard", cfg.exit_threshold)
         super().__init__(cfg, src_dict, tgt_dict)
