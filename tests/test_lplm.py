@@ -8,14 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from fairseq import options, tasks
+from conftest import BIN, USER_DIR, XSUM_TINY, run_cli, setup_task, tiny_options, update_losses
 
-from conftest import BIN, ROOT, XSUM_TINY, run_cli
-
-USER_DIR = ROOT / "elmer_fairseq"
-TINY = ["--arch", "elmer_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--encoder-layers", "1",
-        "--decoder-layers", "3"]
+TINY = tiny_options(decoder_layers=3)  # three layers for LPLM to draw exit layers from
 DRAWS = settings(max_examples=40, deadline=None)
 
 
@@ -73,10 +68,8 @@ def corpus(tmp_path_factory):
 
 
 def lplm_task(corpus, *extra, data=None):
-    argv = [str(data or corpus["bin"]), "--user-dir", str(USER_DIR), "--task", "elmer_lplm", *TINY,
-            "--criterion", "elmer_loss", "--bpe-dir", str(corpus["root"]), "--dropout", "0", "--cpu", *extra]
-    args = options.parse_args_and_arch(options.get_training_parser(), argv)
-    return args, tasks.setup_task(args)
+    return setup_task(data or corpus["bin"], "--criterion", "elmer_loss", "--bpe-dir", corpus["root"], "--dropout", "0",
+                      "--cpu", *extra, task="elmer_lplm", decoder_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -388,10 +381,6 @@ def pretrain_args(data, corpus, save_dir, updates, *extra):
             "--lplm-permutations", "2", "--max-update", updates, "--save-dir", save_dir, "--save-interval-updates", "1",
             "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "1",
             "--disable-validation", *extra]
-
-
-def update_losses(stdout):
-    return {int(n): loss for loss, n in re.findall(r"\| train_inner \|.* loss=([\d.]+),.* num_updates=(\d+)", stdout)}
 
 
 @pytest.fixture(scope="module")
