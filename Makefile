@@ -37,3 +37,30 @@ test: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---- the GPU check (docs/gpu.md, issue 18) ----
+.PHONY: gpu-wheels gpu-check gpu-check-dry
+# What the bare GPU machine (Python 3.12, CUDA torch, no network) lacks, as cp312 wheels in .whl/
+# (git-ignored; carried along by the device tool). Pinned to the versions the CPU venv runs.
+WHL ?= .whl
+GPU_WHEELS ?= fairseq-fixed==0.12.3.1 hydra-core==1.3.2 omegaconf==2.3.0 bitarray==3.12.3 nltk==3.10.4
+# sdist-only packages: built here as pure-Python wheels
+GPU_SDISTS ?= antlr4-python3-runtime==4.9.3 rouge-score==0.1.2
+CP312 := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_CHECK_OUT ?= results/tmp/gpu-check
+
+gpu-wheels:
+	rm -rf $(WHL) && mkdir -p $(WHL)
+	$(PYTHON) -m pip download -q --no-deps $(CP312) -d $(WHL) $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps --no-binary=:all: -w $(WHL) $(GPU_SDISTS)
+	@# the device tool carries at most 64 MiB with the working tree: keep the wheels well under it
+	@du -cb $(WHL)/*.whl | awk '{printf "%9.2f MiB  %s\n", $$1 / 1048576, $$2} END {if ($$1 > 48 * 1048576) {print "over 48 MiB"; exit 1}}'
+
+# on the GPU machine: every owed GPU measurement in <= 8 minutes (python3 there holds CUDA torch)
+gpu-check:
+	bash examples/gpu_check.sh $(GPU_CHECK_OUT)
+
+# the same steps at tiny sizes on CPU, in this venv (what tests/test_gpu_check.py runs)
+gpu-check-dry: venv
+	GPU_CHECK_PYTHON=$(CURDIR)/$(PY) bash examples/gpu_check.sh $(GPU_CHECK_OUT)-dry --dry-run
