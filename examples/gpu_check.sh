@@ -47,6 +47,10 @@ if [[ " ${MODE[*]-} " == *" --dry-run "* ]]; then
   BUDGET=${GPU_CHECK_BUDGET:-900}
   export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 fi
+# one build of the off-ramp extensions for every step: the folder tests/conftest.py gives the tests
+ELMER_EXT_CACHE=${ELMER_EXT_CACHE:-$("$PY" -c 'import os, tempfile
+print(f"{tempfile.gettempdir()}/elmer_fairseq-test-cache-{os.getuid()}/elmer_fairseq")')}
+export ELMER_EXT_CACHE
 ARGS=(--work "$WORK" --out "$OUT" "${MODE[@]}")
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
