@@ -2,6 +2,16 @@
 and installs the plugin's patches of fairseq (elmer_fairseq/patches.py; ELMER_FAIRSEQ_NO_PATCHES=1
 leaves fairseq untouched). `elmer_fairseq.ops`, the off-ramp op, needs torch only: without
 fairseq the package imports and registers nothing."""
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # elmer-generate, elmer-convert, python -m elmer_fairseq.launch, a script that imports this
+    # first: torch is about to load, and with it the OpenMP runtime, which reads this once. Idle
+    # threads then sleep instead of spinning at every barrier, which made training ~3x slower
+    # while another job held a core (docs/speed.md). A value set by the caller wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     import fairseq as _fairseq
 except ModuleNotFoundError as e:

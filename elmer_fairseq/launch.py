@@ -146,6 +146,7 @@ def plan(args):
     env = dict(os.environ)
     if cpu and "OMP_NUM_THREADS" not in env:  # N processes must not each spin a thread per core
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: see docs/speed.md
     return ranks, env
 
 

@@ -39,7 +39,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# OpenMP threads that spin at every barrier run many times slower while another process holds a
+# core (docs/speed.md): sleeping waiters here and in the fairseq runs started below (they inherit
+# it). Read by the OpenMP runtime once, when torch loads; a value set by the caller wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 import elmer_fairseq.checkpoint  # noqa: F401  (fairseq checkpoints load with torch's safe default)
 

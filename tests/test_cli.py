@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, USER_DIR, generate_args, hypotheses, run_cli, train_args
+from conftest import BIN, USER_DIR, cli_env, generate_args, hypotheses, run_cli, train_args
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -96,3 +96,16 @@ def test_tensorboard_logdir_writes_training_curves(xsum_tiny, tmp_path):
     assert {"train_inner", "train", "valid"} <= set(events), sorted(events)
     curve = scalars(events["train_inner"])["loss"]
     assert [step for step, _ in curve] == [1, 2] and all(loss > 0 for _, loss in curve)
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_console_scripts_let_idle_openmp_threads_sleep(policy):
+    """elmer-generate (the package imported before torch) makes OpenMP's idle threads sleep
+    instead of spinning, which is many times faster next to a busy core (docs/speed.md); a policy
+    the caller sets wins. OMP_DISPLAY_ENV makes the OpenMP runtime print what it read."""
+    env = {k: v for k, v in cli_env({"OMP_DISPLAY_ENV": "TRUE"}).items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    proc = subprocess.run([str(BIN / "elmer-generate"), "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"OMP_WAIT_POLICY = '{policy or 'PASSIVE'}'" in proc.stderr

@@ -314,6 +314,18 @@ def test_launcher_refuses_bad_arguments_before_starting_anything(argv, message, 
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_launcher_ranks_on_cpu_get_sleeping_openmp_threads(monkeypatch):
+    """One OpenMP thread per core and rank, and idle threads sleep instead of spinning (a rank
+    next to a busy core; docs/speed.md); what the caller sets wins."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    ranks, env = launcher.plan(launcher.parse_args(["--nproc", "2", "--", "data", "--cpu"]))
+    assert len(ranks) == 2 and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert launcher.plan(launcher.parse_args(["--nproc", "2", "--", "data", "--cpu"]))[1]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_launcher_refuses_a_port_in_use(capsys):
     import socket
 
