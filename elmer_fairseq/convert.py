@@ -44,7 +44,8 @@ from fairseq.tasks import TASK_REGISTRY
 from omegaconf import OmegaConf
 
 from .bpe import TokenizerVocab
-from .models.elmer import EXIT_MODES, MASK_SYMBOL
+from .exit_policy import DECODABLE
+from .models.elmer import MASK_SYMBOL
 from .tasks.elmer_translation import ElmerTranslationTask
 
 logger = logging.getLogger(__name__)
@@ -467,7 +468,7 @@ def main(argv=None):
                    help="HF folder (config.json + model.safetensors or pytorch_model.bin) or weights file")
     p.add_argument("out", help="output folder: model.pt, dict.txt, dict.SRC.txt, dict.TGT.txt (and ARCH.pt with --for)")
     p.add_argument("--config", help="the HF config.json (default: the one beside the weights)")
-    p.add_argument("--exit-mode", default="soft", choices=EXIT_MODES, help="the model's exit mode (default: soft)")
+    p.add_argument("--exit-mode", default="soft", choices=DECODABLE, help="the model's exit mode (default: soft)")
     p.add_argument("--exit-threshold", type=float, help="hard exit's delta (default 0.5)")
     p.add_argument("--source-lang", default="src", help="source suffix of the data (default: src)")
     p.add_argument("--target-lang", default="tgt", help="target suffix of the data (default: tgt)")

@@ -26,22 +26,24 @@ class ExitStats:
     def add(self, exit_layer: Tensor, keep: Tensor):
         self.counts += torch.bincount(exit_layer[keep].cpu() - 1, minlength=len(self.counts))
 
-    def summary(self) -> str:
+    def summary(self, policy: str = "") -> str:
         total = int(self.counts.sum())
+        policy = f" ({policy})" if policy else ""
         if total == 0:
-            return "ELMER exit layers: no tokens generated"
+            return f"ELMER exit layers{policy}: no tokens generated"
         share = self.counts.double() / total
         mean = float((share * torch.arange(1, len(share) + 1)).sum())
         layers = ", ".join(f"L{l + 1} {100 * s:.1f}%" for l, s in enumerate(share.tolist()))
-        return f"ELMER exit layers over {total:,} tokens: mean {mean:.2f} of {len(share)}; {layers}"
+        return f"ELMER exit layers over {total:,} tokens{policy}: mean {mean:.2f} of {len(share)}; {layers}"
 
 
 class ElmerGenerator:
     """Encoder once, decoder once; the output ends at the first predicted EOS. No gold length."""
 
     def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True,
-                 oracle_length: bool = False):
+                 oracle_length: bool = False, policy: str = ""):
         self.tgt_dict = tgt_dict
+        self.policy = policy  # named in the summary: which exit mode and delta decoded
         self.oracle_length = oracle_length
         self.eos = tgt_dict.eos()  # fairseq-generate strips it from the printed hypotheses
         self.length = max_target_length
@@ -54,7 +56,7 @@ class ElmerGenerator:
 
     def print_summary(self):
         if self.stats is not None:
-            print(self.stats.summary(), flush=True)
+            print(self.stats.summary(self.policy), flush=True)
 
     @torch.no_grad()
     def generate(self, models, sample: Dict, prefix_tokens=None, constraints=None, **unused) -> List[List[Dict]]:

@@ -16,7 +16,7 @@ from fairseq.hub_utils import GeneratorHubInterface
 from omegaconf import open_dict
 
 from .generator import ElmerGenerator
-from .tasks.elmer_translation import resolve_exit_options
+from . import exit_policy
 
 logger = logging.getLogger(__name__)
 
@@ -74,24 +74,23 @@ class ELMER(GeneratorHubInterface):
                  names: Optional[List[str]] = None) -> Union[List[str], List[Dict]]:
         """Raw strings in, generated strings out (in input order), one decoder pass per batch.
 
-        exit_mode must be the checkpoint's (or None); exit_threshold is hard exit's delta.
+        exit_mode must be the checkpoint's (or None); exit_threshold is hard exit's delta (default:
+        the checkpoint's).
         With return_details, each result is a dict: text, tokens, exit_layers, scores.
         names: what errors and warnings call each input (default "input i", 0-based).
         """
         if isinstance(sentences, str):
             raise TypeError("generate takes a list of strings")
-        if exit_mode not in (None, self.exit_mode):
-            raise ValueError(f"exit_mode={exit_mode!r}: this checkpoint was fine-tuned with {self.exit_mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        _, threshold = resolve_exit_options(self.exit_mode, exit_threshold)
+        policy = exit_policy.for_decoding(self.models[0].decoder, exit_mode, exit_threshold)
         names = names or [f"input {i}" for i in range(len(sentences))]
         if len(names) != len(sentences):
             raise ValueError(f"{len(names)} names for {len(sentences)} inputs")
         blank = [name for name, s in zip(names, sentences) if not s.strip()]
         if blank:  # the model would still write something for it
             raise ValueError(f"{blank[0]}: empty input ({len(blank)} of the {len(sentences)} inputs are empty)")
-        generator = ElmerGenerator(self.tgt_dict, self.task.cfg.max_target_length, threshold, summary=False)
+        generator = ElmerGenerator(self.tgt_dict, self.task.cfg.max_target_length, policy.threshold, summary=False)
         tokens = [self.truncate(self.encode(s), name) for name, s in zip(names, sentences)]
         with open_dict(self.cfg):
             self.cfg.dataset.batch_size, self.cfg.dataset.max_tokens = batch_size, None

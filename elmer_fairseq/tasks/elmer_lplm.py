@@ -35,6 +35,7 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.denoising import DenoisingConfig, DenoisingTask
 
+from .. import exit_policy
 from .elmer_translation import ElmerBatches, EverySampleEvaluated, require_elmer
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         # LPLM picks exit layers itself: no exit threshold, no soft-exit layer
-        cfg.exit_mode, cfg.exit_threshold = "lplm", None
+        cfg.exit_mode, cfg.exit_threshold = exit_policy.LPLM, None
         return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
 
 

@@ -14,13 +14,12 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..generator import ElmerGenerator
-from ..models.elmer import EXIT_MODES, MASK_SYMBOL, ElmerModel
+from .. import exit_policy
+from ..exit_policy import DEFAULT_EXIT_THRESHOLD
+from ..models.elmer import MASK_SYMBOL, ElmerModel
 from ..ops import prepare as prepare_off_ramp
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EXIT_THRESHOLD = 0.5  # the paper's delta
-
 
 @dataclass
 class ElmerTranslationConfig(TranslationConfig):
@@ -40,7 +39,8 @@ class ElmerTranslationConfig(TranslationConfig):
     exit_threshold: Optional[float] = field(
         default=None,
         metadata={"help": f"hard exit's delta: a token exits when its off-ramp entropy (nats) is "
-                          f"below it (default {DEFAULT_EXIT_THRESHOLD}; 0 = never exit early). "
+                          f"below it (training default {DEFAULT_EXIT_THRESHOLD}, the paper's; generation: the "
+                          f"checkpoint's; 0 = never exit early). "
                           f"Only with --exit-mode hard"},
     )
     eos_after_end: bool = field(
@@ -56,20 +56,6 @@ class ElmerTranslationConfig(TranslationConfig):
                           "cannot: use it to compare with the paper's numbers, never as a result"},
     )
     seed: int = II("common.seed")
-
-
-def resolve_exit_options(mode: Optional[str], threshold: Optional[float]):
-    """Validate --exit-mode/--exit-threshold together; returns (mode, threshold)."""
-    mode = mode or "soft"
-    if mode not in EXIT_MODES:
-        raise ValueError(f"--exit-mode must be one of {', '.join(EXIT_MODES)}, got {mode!r}")
-    if threshold is not None and mode != "hard":
-        raise ValueError(f"--exit-threshold applies to hard exit only, but --exit-mode is {mode}")
-    if threshold is None:
-        threshold = DEFAULT_EXIT_THRESHOLD
-    if not threshold >= 0:  # also rejects NaN
-        raise ValueError(f"--exit-threshold must be >= 0 (an entropy in nats), got {threshold}")
-    return mode, threshold
 
 
 def require_elmer(model, cfg):
@@ -179,7 +165,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
             raise ValueError("--left-pad-target: ELMER's targets are right-padded to T, position t of the "
                              "output at [MASK] t")
         # fail before any data loads; without --exit-mode the model decides (build_model/generator)
-        resolve_exit_options(cfg.exit_mode or "hard", cfg.exit_threshold)
+        exit_policy.resolve(cfg.exit_mode or exit_policy.HARD, cfg.exit_threshold)
         super().__init__(cfg, src_dict, tgt_dict)
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -230,7 +216,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         if not from_checkpoint:  # a new model takes this run's exit options; a loaded one keeps its own
-            cfg.exit_mode, cfg.exit_threshold = resolve_exit_options(self.cfg.exit_mode, self.cfg.exit_threshold)
+            cfg.exit_mode, cfg.exit_threshold = exit_policy.resolve(self.cfg.exit_mode, self.cfg.exit_threshold)
         return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
 
     def build_generator(self, models, args, **unused):
@@ -242,17 +228,10 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         if beam not in (1, GenerationConfig.beam):
             raise ValueError(f"--beam {beam}: ELMER has no beam search (one pass, no length predictor); "
                              f"leave --beam out")
-        mode = models[0].decoder.exit_mode
-        if mode not in EXIT_MODES:
-            raise ValueError("this checkpoint was pretrained (--task elmer_lplm); fine-tune it before decoding: "
-                             "fairseq-train --task elmer_translation --finetune-from-model CHECKPOINT ...")
-        if self.cfg.exit_mode not in (None, mode):
-            raise ValueError(f"--exit-mode {self.cfg.exit_mode} does not match the checkpoint, which "
-                             f"was fine-tuned with --exit-mode {mode}")
-        _, threshold = resolve_exit_options(mode, self.cfg.exit_threshold)
+        policy = exit_policy.for_decoding(models[0].decoder, self.cfg.exit_mode, self.cfg.exit_threshold)
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
-        return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, threshold,
-                              oracle_length=self.cfg.oracle_length)
+        return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, policy.threshold,
+                              oracle_length=self.cfg.oracle_length, policy=policy.describe())
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
