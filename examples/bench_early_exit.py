@@ -11,7 +11,9 @@ ELMER-Soft (every layer on every position, whatever p), hard exit before issue 1
 every position, the off-ramp on the ones in flight; tests/test_early_exit.py keeps it), hard exit
 now (a layer's queries, attention and FFN on the positions in flight only), and the ideal line:
 the no-exit hard pass scaled by mean exit layer / L. Medians of --repeats passes after --warmup,
-the variants interleaved pass by pass so that a busy machine slows them alike. A PNG plots it.
+the variants interleaved pass by pass. On CPU the clock is the process's CPU time by default
+(--clock cpu): on a machine shared with other jobs, wall time measures the other jobs as much
+as this one; with one thread, CPU time is the wall time of an idle machine. A PNG plots it.
 
 LPLM: examples/bench_lplm.py --before (k = 1, 2, 5, 10; before and after issue 15).
 
@@ -59,14 +61,15 @@ def schedule(share: float, bsz: int, length: int, layers: int, generator) -> tor
     return torch.where(order < early, 1, layers)
 
 
-def pass_ms(decode, bsz: int, cuda: bool) -> float:
+def pass_ms(decode, bsz: int, cuda: bool, clock: str) -> float:
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    now = time.perf_counter if cuda else bench_lplm.CLOCKS[clock]
+    t0 = now()
     decode()
     if cuda:
         torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0) / bsz
+    return 1000 * (now() - t0) / bsz
 
 
 def medians(variants: dict, args, bsz: int, cuda: bool) -> dict:
@@ -74,7 +77,7 @@ def medians(variants: dict, args, bsz: int, cuda: bool) -> dict:
     times = {name: [] for name in variants}
     for rep in range(args.warmup + args.repeats):
         for name, decode in variants.items():
-            ms = pass_ms(decode, bsz, cuda)
+            ms = pass_ms(decode, bsz, cuda, args.clock)
             if rep >= args.warmup:
                 times[name].append(ms)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -150,6 +153,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed passes per point (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per point first (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    p.add_argument("--clock", choices=sorted(bench_lplm.CLOCKS), default="cpu",
+                   help="CPU timing: the process's CPU time (default) or wall time")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "early-exit.png", help="the plot (default: docs/early-exit.png)")
     p.add_argument("--no-lplm", action="store_true", help="skip the LPLM table")
@@ -169,7 +174,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         parsed, _, hard = build(args, Path(folder), "hard")
         _, _, soft = build(args, Path(folder), "soft")
-    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s), {args.clock} time"
     title = (f"{args.arch} {args.model_args}: d={parsed.decoder_embed_dim}, {parsed.decoder_layers} decoder layers, "
              f"V={args.vocab}, T={args.length}, S={args.source_length}, fp32, {device}; "
              f"median of {args.repeats} passes after {args.warmup} warm-up")
@@ -183,7 +188,7 @@ def main():
         print("\n**LPLM training step** (examples/bench_lplm.py --before)\n")
         bench_lplm.main(bench_lplm.parser().parse_args([
             "--arch", args.arch, "--model-args", args.model_args, "--vocab", str(args.vocab), "--length", str(args.lplm_length), "--device", args.device,
-            "--threads", str(args.threads), "--steps", str(args.lplm_steps), "--warmup", "1", "--before"]))
+            "--threads", str(args.threads), "--clock", args.clock, "--steps", str(args.lplm_steps), "--warmup", "1", "--before"]))
 
 
 if __name__ == "__main__":
