@@ -26,7 +26,7 @@ TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 or the classes are allowed by hand; ELMER_TRU
 not read; damaged checkpoints fail with torch's own error; and bad distributed options fail as
 fairseq 0.12 lets them (a 30-minute rendezvous wait, or an error deep inside).
 
-What was patched is logged at debug level (logger `elmer_fairseq.patches`).
+What was patched is logged at debug level (logger `elmer_fairseq.patches`; LOGLEVEL=DEBUG shows it).
 """
 import logging
 import os
@@ -38,6 +38,10 @@ import torch.distributed as dist
 from . import checkpoint, distributed
 
 logger = logging.getLogger(__name__)
+# fairseq 0.12 leaves the root logger at DEBUG, which would print these lines in every command's
+# output; like fairseq's own CLIs, this logger takes its level from LOGLEVEL (LOGLEVEL=DEBUG shows them)
+_level = os.environ.get("LOGLEVEL", "INFO").upper()
+logger.setLevel(_level if isinstance(logging.getLevelName(_level), int) else logging.INFO)
 
 OPT_OUT_ENV = "ELMER_FAIRSEQ_NO_PATCHES"
 WRITTEN_FOR = "0.12"  # fairseq's major.minor version that every wrapper below was written against
