@@ -19,5 +19,6 @@ setup(
     install_requires=["torch>=2.0", "rouge-score", "sacrebleu", "tokenizers", "tqdm"] + fairseq_req,
     entry_points={"console_scripts": ["elmer-generate=elmer_fairseq.cli:main",
                                      "elmer-convert=elmer_fairseq.convert:main",
-                                     "elmer-check=elmer_fairseq.check:main"]},
+                                     "elmer-check=elmer_fairseq.check:main",
+                                     "elmer-calibrate=elmer_fairseq.calibrate:main"]},
 )

@@ -23,7 +23,9 @@ def parse_args(argv=None):
     p.add_argument("--bpe-dir", help="folder with vocab.json and merges.txt of the byte-level BPE (--bpe byte_bpe_ids), "
                                      "or with the tokenizer.json of a converted checkpoint (--bpe wordpiece)")
     p.add_argument("--input", default="-", help="input file, one input per line (default: stdin)")
-    p.add_argument("--exit-threshold", type=float, help="hard exit's delta (hard-exit checkpoints only)")
+    p.add_argument("--exit-threshold", type=float,
+                   help="hard exit's delta (hard-exit checkpoints only; default: the checkpoint's)")
+    p.add_argument("--exit-thresholds", help="hard exit: calibrated per-layer thresholds (elmer-calibrate's JSON)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
@@ -57,7 +59,8 @@ def main(argv=None):
         for start in range(0, len(lines), step):
             chunk = lines[start: start + step]
             names = [f"{where}:{start + i + 1}" for i in range(len(chunk))]  # read_lines kept every line
-            for text in model.generate(chunk, exit_threshold=args.exit_threshold, batch_size=step, names=names):
+            for text in model.generate(chunk, exit_threshold=args.exit_threshold, exit_thresholds=args.exit_thresholds,
+                                       batch_size=step, names=names):
                 print(text, flush=False)
             progress.update(len(chunk))
     sys.stdout.flush()

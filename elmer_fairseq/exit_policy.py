@@ -9,11 +9,17 @@
 Fine-tuning stores the mode and delta in the checkpoint; generation uses them unless
 --exit-threshold is given, and says which delta it used.
 """
-from typing import NamedTuple, Optional
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
 SOFT, HARD, LPLM = "soft", "hard", "lplm"
+# what a hard-exit position's uncertainty is measured by: "entropy" (nats, the paper's; fused in the
+# off-ramp op) or "max_prob" (1 - the top-1 probability, CALM's cheapest confidence measure)
+SIGNALS = ("entropy", "max_prob")
 DECODABLE = (SOFT, HARD)  # the modes --exit-mode takes; LPLM is set by --task elmer_lplm
 DEFAULT_EXIT_THRESHOLD = 0.5  # the paper's delta
 
@@ -32,21 +38,65 @@ def resolve(mode: Optional[str], threshold: Optional[float]):
     return mode, threshold
 
 
+class LayerThresholds(NamedTuple):
+    """Per-layer hard-exit thresholds (written by `elmer-calibrate`): a position exits at layer
+    l < L when its uncertainty under `signal` is below values[l - 1]; layer L predicts the rest."""
+    signal: str
+    values: Tuple[float, ...]
+    source: str = ""
+
+    def at(self, layer: int) -> float:
+        return self.values[layer]
+
+    def save(self, path, **details):
+        Path(path).write_text(json.dumps({"signal": self.signal, "thresholds": list(self.values), **details},
+                                         indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path, num_layers: Optional[int] = None) -> "LayerThresholds":
+        """Reads a thresholds file; every problem is an error naming the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--exit-thresholds {path}: no such file (elmer-calibrate writes it)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--exit-thresholds {path}: not a JSON thresholds file ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("thresholds"), list):
+            raise ValueError(f"--exit-thresholds {path}: needs a \"thresholds\" list (one per decoder layer "
+                             f"below the last)")
+        signal, values = data.get("signal", "entropy"), data["thresholds"]
+        if signal not in SIGNALS:
+            raise ValueError(f"--exit-thresholds {path}: signal {signal!r} is not one of {', '.join(SIGNALS)}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"--exit-thresholds {path}: thresholds must be numbers >= 0, got {values}")
+        if num_layers is not None and len(values) != num_layers - 1:
+            raise ValueError(f"--exit-thresholds {path}: {len(values)} thresholds for a {num_layers}-layer decoder, "
+                             f"which needs {num_layers - 1} (one per layer below the last)")
+        return cls(signal, tuple(float(v) for v in values), str(path))
+
+
+Threshold = Union[float, LayerThresholds]
+
+
 class Decoding(NamedTuple):
     """The policy a generator decodes with, and where its threshold came from (for the summary)."""
     mode: str
-    threshold: float  # 0 for soft exit: no position leaves before the last layer
+    threshold: Threshold  # 0 for soft exit: no position leaves before the last layer
     source: str
 
     def describe(self) -> str:
         if self.mode == SOFT:
             return "soft exit"
+        if isinstance(self.threshold, LayerThresholds):
+            return f"hard exit, {self.threshold.signal} thresholds {self.source}"
         return f"hard exit, delta {self.threshold:g} {self.source}"
 
 
-def for_decoding(decoder, mode: Optional[str] = None, threshold: Optional[float] = None) -> Decoding:
+def for_decoding(decoder, mode: Optional[str] = None, threshold: Optional[float] = None,
+                 thresholds_file=None) -> Decoding:
     """The policy to decode a fine-tuned `decoder` with: its own mode (another one is an error) and its
-    own delta unless `threshold` is given."""
+    own delta unless `threshold` or a calibrated `thresholds_file` is given."""
     own = decoder.exit_mode
     if own not in DECODABLE:
         raise ValueError("this checkpoint was pretrained (--task elmer_lplm); fine-tune it before decoding: "
@@ -54,6 +104,12 @@ def for_decoding(decoder, mode: Optional[str] = None, threshold: Optional[float]
     if mode not in (None, own):
         raise ValueError(f"--exit-mode {mode} does not match the checkpoint, which was fine-tuned with "
                          f"--exit-mode {own}")
+    if thresholds_file is not None:
+        if own != HARD or threshold is not None:
+            raise ValueError("--exit-thresholds: calibrated thresholds are for hard-exit checkpoints, "
+                             "instead of --exit-threshold")
+        loaded = LayerThresholds.load(thresholds_file, decoder.num_layers)
+        return Decoding(HARD, loaded, f"from {thresholds_file}")
     if own == SOFT:
         resolve(own, threshold)  # refuses a threshold
         return Decoding(SOFT, 0.0, "")
@@ -69,3 +125,16 @@ def exits(entropy: Tensor, threshold: float) -> Tensor:
     """Hard exit's rule: which positions leave at this layer. The fused off-ramp op applies the same
     rule inside its kernel (tests/test_off_ramp_kernel.py holds the two together)."""
     return entropy < threshold
+
+
+def layer_rule(threshold: Threshold, layer: int, num_layers: int) -> Tuple[str, float]:
+    """(signal, threshold) at 0-based `layer`: the last layer takes every position still in flight."""
+    if layer == num_layers - 1:
+        return "entropy", math.inf
+    if isinstance(threshold, LayerThresholds):
+        return threshold.signal, threshold.at(layer)
+    return "entropy", threshold
+
+
+def uncertainty(signal: str, entropy: Tensor, max_prob: Tensor) -> Tensor:
+    return entropy if signal == "entropy" else 1 - max_prob

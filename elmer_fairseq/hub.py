@@ -70,12 +70,13 @@ class ELMER(GeneratorHubInterface):
 
     @torch.no_grad()
     def generate(self, sentences: List[str], exit_mode: Optional[str] = None, exit_threshold: Optional[float] = None,
-                 batch_size: int = 32, return_details: bool = False,
+                 batch_size: int = 32, return_details: bool = False, exit_thresholds=None,
                  names: Optional[List[str]] = None) -> Union[List[str], List[Dict]]:
         """Raw strings in, generated strings out (in input order), one decoder pass per batch.
 
         exit_mode must be the checkpoint's (or None); exit_threshold is hard exit's delta (default:
-        the checkpoint's).
+        the checkpoint's); exit_thresholds, instead of it, a file of calibrated per-layer thresholds
+        (elmer-calibrate).
         With return_details, each result is a dict: text, tokens, exit_layers, scores.
         names: what errors and warnings call each input (default "input i", 0-based).
         """
@@ -83,7 +84,7 @@ class ELMER(GeneratorHubInterface):
             raise TypeError("generate takes a list of strings")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        policy = exit_policy.for_decoding(self.models[0].decoder, exit_mode, exit_threshold)
+        policy = exit_policy.for_decoding(self.models[0].decoder, exit_mode, exit_threshold, exit_thresholds)
         names = names or [f"input {i}" for i in range(len(sentences))]
         if len(names) != len(sentences):
             raise ValueError(f"{len(names)} names for {len(sentences)} inputs")

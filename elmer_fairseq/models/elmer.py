@@ -20,10 +20,10 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerDecoder, TransformerModel, base_architecture
 from torch import Tensor, nn
 
+from .. import exit_policy
 from ..ops import off_ramp
 
 logger = logging.getLogger(__name__)
-EXIT_MODES = ("soft", "hard")
 MASK_SYMBOL = "<mask>"
 GOLD_MIX_PROB = 0.3  # the ELMER authors' fine-tuning code (fine-tune/modeling_bart.py); not in the paper
 
@@ -125,7 +125,8 @@ class ElmerModel(TransformerModel):
         return getattr(self.args, "label_smoothing", 0.0) or 0.0
 
     @torch.no_grad()
-    def generate(self, src_tokens, src_lengths, length: int, exit_threshold: float = 0.5) -> Decoded:
+    def generate(self, src_tokens, src_lengths, length: int,
+                 exit_threshold: float = exit_policy.DEFAULT_EXIT_THRESHOLD) -> Decoded:
         """One-pass decoding of T = `length` positions: encoder once, decoder once."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         return self.decoder.decode(encoder_out, length, exit_threshold)
@@ -272,7 +273,7 @@ class ElmerDecoder(TransformerDecoder):
                 x = self.fuse(self.mix_gold(logits.argmax(-1), tgt_tokens), h) if l < self.num_layers - 1 else h
             else:
                 log_p = torch.log_softmax(logits.detach().float(), dim=-1)
-                frozen = frozen | (-(log_p.exp() * log_p).sum(-1) < self.exit_threshold)
+                frozen = frozen | exit_policy.exits(-(log_p.exp() * log_p).sum(-1), self.exit_threshold)
                 x = h
         return layer_logits
 
@@ -341,7 +342,7 @@ class ElmerDecoder(TransformerDecoder):
                 ramp = off_ramp(h.reshape(M, -1), self.off_ramp_weight(l), 0.0)
                 x = self.fuse(ramp.token.view(length, bsz), h) if l < L - 1 else h
             return self.batch_major(length, ramp.token, ramp.prob.log(), masks.new_full((M,), L))
-        if not exit_threshold >= 0:  # also rejects NaN
+        if not isinstance(exit_threshold, exit_policy.LayerThresholds) and not exit_threshold >= 0:  # also NaN
             raise ValueError(f"--exit-threshold must be >= 0 (an entropy in nats), got {exit_threshold}")
         if forced_exits is not None:
             if forced_exits.shape != masks.shape or not ((forced_exits >= 1) & (forced_exits <= L)).all():
@@ -360,9 +361,12 @@ class ElmerDecoder(TransformerDecoder):
             else:  # the in-flight positions move on; the exited keep their state
                 state.index_copy_(0, active, self.run_layer(l, x, encoder_out, active))
             # the last layer predicts whatever is left, confident or not
-            threshold = math.inf if l == L - 1 else exit_threshold
-            ramp = off_ramp(state, self.off_ramp_weight(l), threshold, active)
-            exits = ramp.exit if forced_exits is None or l == L - 1 else forced_exits[active] == l + 1
+            signal, threshold = exit_policy.layer_rule(exit_threshold, l, L)
+            fused = signal == "entropy"  # the op applies the entropy rule itself
+            ramp = off_ramp(state, self.off_ramp_weight(l), threshold if fused else 0.0, active)
+            exits = ramp.exit if fused else exit_policy.exits(exit_policy.uncertainty(signal, None, ramp.prob), threshold)
+            if forced_exits is not None and l < L - 1:
+                exits = forced_exits[active] == l + 1
             done = active[exits]
             tokens[done], scores[done] = ramp.token[exits], ramp.prob[exits]
             exit_layer[done] = l + 1

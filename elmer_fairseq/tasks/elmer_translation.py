@@ -43,6 +43,11 @@ class ElmerTranslationConfig(TranslationConfig):
                           f"checkpoint's; 0 = never exit early). "
                           f"Only with --exit-mode hard"},
     )
+    exit_thresholds: Optional[str] = field(
+        default=None,
+        metadata={"help": "generation, hard exit: a JSON file of calibrated per-layer thresholds (written by "
+                          "elmer-calibrate) instead of one --exit-threshold"},
+    )
     eos_after_end: bool = field(
         default=False,
         metadata={"help": "train the positions after a target's EOS to predict EOS too, instead of ignoring "
@@ -228,7 +233,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         if beam not in (1, GenerationConfig.beam):
             raise ValueError(f"--beam {beam}: ELMER has no beam search (one pass, no length predictor); "
                              f"leave --beam out")
-        policy = exit_policy.for_decoding(models[0].decoder, self.cfg.exit_mode, self.cfg.exit_threshold)
+        policy = exit_policy.for_decoding(models[0].decoder, self.cfg.exit_mode, self.cfg.exit_threshold,
+                                          self.cfg.exit_thresholds)
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
         return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, policy.threshold,
                               oracle_length=self.cfg.oracle_length, policy=policy.describe())
