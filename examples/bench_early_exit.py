@@ -150,7 +150,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     p.add_argument("--shares", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1],
                    help="shares of each sequence's positions forced out at layer 1 (default: 0 .25 .5 .75 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per point (default: 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per point (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per point first (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     p.add_argument("--clock", choices=sorted(bench_lplm.CLOCKS), default="cpu",
@@ -159,7 +159,7 @@ def main():
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "early-exit.png", help="the plot (default: docs/early-exit.png)")
     p.add_argument("--no-lplm", action="store_true", help="skip the LPLM table")
     p.add_argument("--lplm-length", type=int, default=128, help="LPLM: T (default: 128)")
-    p.add_argument("--lplm-steps", type=int, default=3, help="LPLM: timed steps per k (default: 3)")
+    p.add_argument("--lplm-steps", type=int, default=5, help="LPLM: timed steps per k (default: 5)")
     args = p.parse_args()
     for share in args.shares:
         if not 0 <= share <= 1:  # also rejects NaN
@@ -175,7 +175,7 @@ def main():
         parsed, _, hard = build(args, Path(folder), "hard")
         _, _, soft = build(args, Path(folder), "soft")
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s), {args.clock} time"
-    title = (f"{args.arch} {args.model_args}: d={parsed.decoder_embed_dim}, {parsed.decoder_layers} decoder layers, "
+    title = (f"{' '.join([args.arch, *args.model_args.split()])}: d={parsed.decoder_embed_dim}, {parsed.decoder_layers} decoder layers, "
              f"V={args.vocab}, T={args.length}, S={args.source_length}, fp32, {device}; "
              f"median of {args.repeats} passes after {args.warmup} warm-up")
     print(title)
