@@ -18,7 +18,7 @@ def test_train_then_generate_every_test_sample(xsum_tiny, trained, mode):
     proc = run_cli("fairseq-generate", *generate_args(xsum_tiny, ckpt))
     hyps = hypotheses(proc.stdout)
     assert sorted(hyps) == list(range(8)), "every test sample is decoded exactly once"
-    assert re.search(r"ELMER exit layers over [\d,]+ tokens: mean [\d.]+ of 2", proc.stdout)
+    assert re.search(rf"ELMER exit layers over [\d,]+ tokens \({mode} exit.*\): mean [\d.]+ of 2", proc.stdout)
     for sid in hyps:
         assert re.search(rf"^P-{sid}\t", proc.stdout, re.M) and re.search(rf"^T-{sid}\t", proc.stdout, re.M)
 
