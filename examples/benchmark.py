@@ -19,12 +19,20 @@ first -kd system trains. --elmer-options trains an ELMER variant in the same har
 decoder, more dropout, --eos-after-end): its options override the common ones for the ELMER
 systems only, and the table's header names them; give a variant its own --out.
 
+Warm-started track: --warm-start DIR, an `elmer-convert --for transformer cmlm_transformer
+levenshtein_transformer` output (docs/converting.md), and data binarized with its dict.txt
+(examples/TASK/prepare.py --tokenizer). Every system then fine-tunes from the same converted
+weights (DIR/model.pt for ELMER, DIR/ARCH.pt for the baselines) at the converted model's size.
+Data with a tokenizer.json is decoded to text with its WordPiece; an uncased one (MiniLM) has its
+references lowercased before scoring, and the table's header says so.
+
     python examples/benchmark.py --data data/bench/boolq/bin --out results/benchmark/boolq [--device cuda]
 
 Writes OUT/results.md, OUT/results.csv, OUT/samples.md (the first outputs of every system, to
 read), OUT/delta_sweep.md and OUT/delta_sweep.png. A system that fails is reported with the step
 that failed; the others still get their rows. Rerunning skips trained systems and finished rows
 (OUT/rows/), so an interrupted run continues. examples/benchmark_cpu.sh runs all three tasks.
+A system is one `System` record in systems(): a new system is one more entry there.
 """
 import argparse
 import csv
@@ -37,6 +45,8 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 # OpenMP threads that spin at every barrier run many times slower while another process holds a
@@ -44,60 +54,91 @@ from pathlib import Path
 # it). Read by the OpenMP runtime once, when torch loads; a value set by the caller wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
+from fairseq.models import ARCH_CONFIG_REGISTRY  # noqa: E402
 
-import elmer_fairseq.checkpoint  # noqa: F401  (fairseq checkpoints load with torch's safe default)
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import elmer_fairseq.checkpoint  # noqa: F401,E402  (fairseq checkpoints load with torch's safe default)
+from elmer_fairseq.convert import as_flags  # noqa: E402
+# examples/ is a folder of scripts, not a package: a script's own folder is sys.path[0], so its
+# siblings import by name (gpu_check.py, run as a script too, and the tests import this file so)
 from metrics import all_metrics  # noqa: E402
 from score import parse_log  # noqa: E402
 
-NAT = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-init", "--encoder-learned-pos",
-       "--decoder-learned-pos", "--label-smoothing", "0.1"]
-NAT_GEN = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1"]
-NAR = ("elmer-soft", "elmer-hard", "cmlm", "levt")  # the systems that have a "-kd" twin
-NAMES = ["transformer", *NAR, *(f"{n}-kd" for n in NAR), "elmer-soft-lplm"]
-# the authors' fine-tuning recipe: plain cross-entropy (smoothing would also keep hard exit's
-# off-ramps above delta) and, for soft exit, gold-token mixing at the model's default 0.3
-ELMER_TINY = ["--arch", "elmer_tiny", "--criterion", "elmer_loss", "--label-smoothing", "0"]
+PLUGIN = Path(__file__).resolve().parent.parent / "elmer_fairseq"
+# the architecture options elmer-convert builds a model with (those it prints): fairseq-train
+# builds the model from options, then --finetune-from-model loads the converted weights strictly
+ARCH_OPTIONS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim",
+                "decoder_ffn_embed_dim", "encoder_attention_heads", "decoder_attention_heads", "activation_fn",
+                "layernorm_embedding", "no_scale_embedding", "layernorm_eps", "max_source_positions",
+                "max_target_positions", "encoder_learned_pos", "decoder_learned_pos", "share_all_embeddings",
+                "early_exit")
 
 
-def systems(args):
-    """name -> (training flags, {system name: generation flags}); every output is at most T pieces."""
+@dataclass
+class System:
+    """One trained model of the table and the rows decoded from its checkpoint."""
+    name: str  # --systems name; OUT/checkpoints/NAME/, OUT/logs/train-NAME.log
+    arch: str  # fairseq architecture at random initialisation, sized by --layers/--dim/--heads
+    converted: str  # with --warm-start DIR it fine-tunes from DIR/CONVERTED (None: it cannot)
+    train: list  # fairseq-train options beyond the model's (after the common ones: they win)
+    rows: dict  # {table row: fairseq-generate options}, each decoded, scored and timed
+    teacher: str = None  # trains on the training split re-labelled by this system (sequence-level KD)
+    relabel: list = None  # as a teacher: the fairseq-generate options it re-labels with
+    pretrain: bool = False  # fine-tunes from an ELMER LPLM-pretrained on the task's training text first
+    sweep: list = None  # fairseq-generate options decoded once per --deltas value (--exit-threshold D)
+    speed_reference: str = None  # its row that every row's speed-up is measured against
+
+
+def distilled(student: System, teacher: System) -> System:
+    """`student` trained on `teacher`'s outputs: same options, its rows marked "+ KD"."""
+    # an oracle-length row reads the reference's length: a protocol comparison, not repeated here
+    rows = {f"{row} + KD": gen for row, gen in student.rows.items() if "--oracle-length" not in gen}
+    return System(f"{student.name}-kd", student.arch, student.converted, student.train, rows, teacher=teacher.name)
+
+
+def systems(args) -> dict:
+    """{name: System} in training order (a teacher before its students); every output is at most
+    --max-target-length pieces."""
     length = str(args.max_target_length)
-    elmer = ["--user-dir", str(HERE.parent / "elmer_fairseq"), "--task", "elmer_translation",
-             "--max-target-length", length]
-    elmer_train = elmer + ELMER_TINY + shlex.split(args.elmer_options)
+    elmer = ["--user-dir", str(PLUGIN), "--task", "elmer_translation", "--max-target-length", length]
+    # the authors' fine-tuning recipe: plain cross-entropy (smoothing would also keep hard exit's
+    # off-ramps above delta) and, for soft exit, gold-token mixing at the model's default 0.3;
+    # --elmer-options last: they override the common options, for ELMER only
+    elmer_train = lambda mode: [*elmer, "--criterion", "elmer_loss", "--label-smoothing", "0",  # noqa: E731
+                                "--exit-mode", mode, *shlex.split(args.elmer_options)]
     elmer_gen = elmer + ["--iter-decode-max-iter", "0", "--beam", "1"]
-    nat_gen = NAT_GEN + ["--max-len-a", "0", "--max-len-b", length]
+    nat_train = ["--task", "translation_lev", "--criterion", "nat_loss", "--apply-bert-init", "--encoder-learned-pos",
+                 "--decoder-learned-pos", "--label-smoothing", "0.1"]
+    nat_gen = ["--task", "translation_lev", "--iter-decode-eos-penalty", "0", "--beam", "1", "--max-len-a", "0",
+               "--max-len-b", length]
     ar_gen = ["--task", "translation", "--max-len-a", "0", "--max-len-b", length]
-    out = {
-        "transformer": (["--task", "translation", "--arch", "transformer", "--label-smoothing", "0.1",
-                         "--criterion", "label_smoothed_cross_entropy"],
-                        {"Transformer (AR, greedy)": ar_gen + ["--beam", "1"],
-                         "Transformer (AR, beam 4)": ar_gen + ["--beam", "4"]}),
-        "elmer-soft": (elmer_train + ["--exit-mode", "soft"],
-                       {"ELMER-Soft": elmer_gen,
-                        # reads the reference's length: comparable with the paper's rows, not a result
-                        "ELMER-Soft, oracle T (authors' test protocol)": elmer_gen + ["--oracle-length"]}),
-        "elmer-hard": (elmer_train + ["--exit-mode", "hard"],
-                       {"ELMER-Hard (delta=0.5)": elmer_gen + ["--exit-threshold", "0.5"]}),
-        "cmlm": (NAT + ["--arch", "cmlm_transformer", "--noise", "random_mask", "--length-loss-factor", "0.1"],
-                 {"CMLM (0 it.)": nat_gen + ["--iter-decode-max-iter", "0"],
-                  "CMLM (10 it.)": nat_gen + ["--iter-decode-max-iter", "10", "--iter-decode-force-max-iter"]}),
-        "levt": (NAT + ["--arch", "levenshtein_transformer", "--noise", "random_delete",
-                        "--early-exit", ",".join([str(args.layers)] * 3)],
-                 {"LevT": nat_gen + ["--iter-decode-max-iter", "10"]}),
-    }
-    for name in NAR:
-        flags, gens = out[name]
-        out[f"{name}-kd"] = (flags, {f"{system} + KD": gen for system, gen in gens.items()
-                                     if "--oracle-length" not in gen})
+    # LevT's three heads read the last decoder layer (a converted checkpoint's options say so for its depth)
+    levt_heads = [] if args.warm_start else ["--early-exit", ",".join([str(args.layers)] * 3)]
+
+    transformer = System(
+        "transformer", "transformer", "transformer.pt",
+        ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
+        {"Transformer (AR, greedy)": ar_gen + ["--beam", "1"], "Transformer (AR, beam 4)": ar_gen + ["--beam", "4"]},
+        relabel=ar_gen + ["--beam", "1"], speed_reference="Transformer (AR, greedy)")
+    elmer_soft = System(
+        "elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"),
+        {"ELMER-Soft": elmer_gen,
+         # reads the reference's length: comparable with the paper's rows, not a result
+         "ELMER-Soft, oracle T (authors' test protocol)": elmer_gen + ["--oracle-length"]})
+    elmer_hard = System("elmer-hard", "elmer_tiny", "model.pt", elmer_train("hard"),
+                        {"ELMER-Hard (delta=0.5)": elmer_gen + ["--exit-threshold", "0.5"]}, sweep=elmer_gen)
+    cmlm = System("cmlm", "cmlm_transformer", "cmlm_transformer.pt",
+                  nat_train + ["--noise", "random_mask", "--length-loss-factor", "0.1"],
+                  {"CMLM (0 it.)": nat_gen + ["--iter-decode-max-iter", "0"],
+                   "CMLM (10 it.)": nat_gen + ["--iter-decode-max-iter", "10", "--iter-decode-force-max-iter"]})
+    levt = System("levt", "levenshtein_transformer", "levenshtein_transformer.pt",
+                  nat_train + ["--noise", "random_delete", *levt_heads],
+                  {"LevT": nat_gen + ["--iter-decode-max-iter", "10"]})
     # fairseq-train starts from the pretrained weights only while the run has no checkpoint of its own
-    pretrained = last_checkpoint(args, "lplm-pretrain")
-    out["elmer-soft-lplm"] = (out["elmer-soft"][0] + ["--finetune-from-model", pretrained],
-                              {"ELMER-Soft + LPLM pretraining": elmer_gen})
-    return out
+    lplm = System("elmer-soft-lplm", "elmer_tiny", None,
+                  elmer_soft.train + ["--finetune-from-model", last_checkpoint(args, "lplm-pretrain")],
+                  {"ELMER-Soft + LPLM pretraining": elmer_gen}, pretrain=True)
+    nar = [elmer_soft, elmer_hard, cmlm, levt]
+    return {s.name: s for s in [transformer, *nar, *(distilled(s, transformer) for s in nar), lplm]}
 
 
 def size_flags(args):
@@ -105,6 +146,58 @@ def size_flags(args):
             "--decoder-embed-dim", args.dim, "--encoder-ffn-embed-dim", 4 * args.dim,
             "--decoder-ffn-embed-dim", 4 * args.dim, "--encoder-attention-heads", args.heads,
             "--decoder-attention-heads", args.heads, "--share-all-embeddings"]
+
+
+@lru_cache(maxsize=None)
+def converted_model(path: Path) -> argparse.Namespace:
+    """The model options an elmer-convert output was built with."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--warm-start {path.parent}: no {path.name} (elmer-convert --for ...)")
+    return torch.load(path, map_location="cpu")["cfg"]["model"]
+
+
+def model_flags(system: System, args) -> list:
+    """The fairseq-train options that build `system`'s model: random weights at --layers/--dim/--heads,
+    or with --warm-start the converted checkpoint's architecture, loaded by --finetune-from-model."""
+    if not args.warm_start:
+        return ["--arch", system.arch, *size_flags(args)]
+    path = args.warm_start / system.converted
+    model = converted_model(path)
+    defaults = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[model.arch](defaults)
+    # only what differs from the architecture's defaults: an option the architecture lacks stays unset
+    changed = {key: getattr(model, key) for key in ARCH_OPTIONS
+               if getattr(model, key, None) not in (None, False, getattr(defaults, key, None))}
+    switched_off = [key for key in ARCH_OPTIONS if getattr(model, key, None) is False and getattr(defaults, key, None)]
+    if switched_off:  # a store_true option cannot turn off what the architecture turns on
+        raise ValueError(f"{path}: {model.arch} with {', '.join(switched_off)} off cannot be rebuilt from options")
+    return ["--arch", model.arch, *as_flags(changed), "--finetune-from-model", path]
+
+
+def train_flags(system: System, args) -> list:
+    """Everything fairseq-train needs for `system` beyond the common options: its model, then its recipe."""
+    return [*model_flags(system, args), *system.train]
+
+
+def bpe_flags(folder: Path) -> list:
+    """fairseq-generate's --bpe for the data prepared in `folder` (its D- lines are text then): the
+    tokenizer.json of a pretrained checkpoint (prepare.py --tokenizer) or the byte-level BPE prepare.py trains."""
+    if (folder / "tokenizer.json").is_file():
+        return ["--bpe", "wordpiece", "--wordpiece-tokenizer", folder / "tokenizer.json"]
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return ["--bpe", "byte_bpe_ids", "--bpe-vocab", folder / "vocab.json", "--bpe-merges", folder / "merges.txt"]
+    raise FileNotFoundError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt (examples/TASK/prepare.py)")
+
+
+def uncased(folder: Path) -> bool:
+    """Whether the data's tokenizer.json lowercases every text (MiniLM's WordPiece does): then no
+    system can write a capital, and its references are scored lowercased."""
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    from tokenizers import Tokenizer
+
+    normalizer = Tokenizer.from_file(str(folder / "tokenizer.json")).normalizer
+    return normalizer is not None and normalizer.normalize_str("A") == "a"
 
 
 def fairseq_cli(tool):
@@ -137,9 +230,9 @@ def train(name, flags, data, args, device_flags, updates=None):
     save.mkdir(parents=True, exist_ok=True)
     every = str(max(100, updates // 5))
     if "--user-dir" not in flags:  # its checkpoint allow-list lets fairseq's resume load with torch's safe default
-        flags = ["--user-dir", HERE.parent / "elmer_fairseq", *flags]
+        flags = ["--user-dir", PLUGIN, *flags]
     # the system's own flags last: they may override the common ones (--elmer-options)
-    argv = [data, *size_flags(args), "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
+    argv = [data, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup, "--clip-norm", "1.0",
             "--weight-decay", "0.01", "--dropout", "0.1", "--max-tokens", args.max_tokens,
             "--required-batch-size-multiple", "1",  # fairseq drops the samples that do not fill a multiple
@@ -154,16 +247,16 @@ def train(name, flags, data, args, device_flags, updates=None):
                                   env=env)
 
 
-def distill(ar_ckpt, args, device_flags) -> Path:
-    """The training split with targets re-written by the AR Transformer (greedy), binarized with the same dicts."""
-    kd = args.out / "kd-data"
+
+def distill(teacher: System, ckpt, args, device_flags) -> Path:
+    """The training split with targets re-written by `teacher`, binarized with the same dicts."""
+    kd = args.out / "kd-data"  # one teacher per table
     if (kd / "bin" / "train.src-tgt.tgt.idx").exists():
         return kd / "bin"
     kd.mkdir(parents=True, exist_ok=True)
     log = args.out / "logs" / "distill.txt"
-    fairseq("generate", args.data, "--path", ar_ckpt, *systems(args)["transformer"][1]["Transformer (AR, greedy)"],
-            "--gen-subset", "train", "--batch-size", "128", "--required-batch-size-multiple", "1",
-            "--user-dir", HERE.parent / "elmer_fairseq", *device_flags, log=log)
+    fairseq("generate", args.data, "--path", ckpt, *teacher.relabel, "--gen-subset", "train", "--batch-size", "128",
+            "--required-batch-size-multiple", "1", "--user-dir", PLUGIN, *device_flags, log=log)
     hyps = {int(line[2:].split("\t")[0]): line.rstrip("\n").split("\t")[2:] for line in log.open() if line.startswith("H-")}
     sources = (args.data.parent / "train.src").read_text(encoding="utf-8").splitlines()
     targets = (args.data.parent / "train.tgt").read_text(encoding="utf-8").splitlines()
@@ -198,9 +291,9 @@ def pretrain(args, device_flags) -> Path:
         fairseq("preprocess", "--only-source", "--srcdict", args.data / "dict.src.txt", "--trainpref",
                 corpus / "train.ids", "--validpref", corpus / "valid.ids", "--destdir", corpus / "bin",
                 "--workers", "2", log=args.out / "logs" / "lplm-preprocess.txt")
-    flags = ["--user-dir", HERE.parent / "elmer_fairseq", "--task", "elmer_lplm", "--bpe-dir", args.data.parent,
-             *ELMER_TINY, "--lplm-permutations", args.lplm_permutations, "--tokens-per-sample", "128",
-             "--shorten-method", "truncate"]
+    flags = ["--user-dir", PLUGIN, "--task", "elmer_lplm", "--bpe-dir", args.data.parent, "--arch", "elmer_tiny",
+             *size_flags(args), "--criterion", "elmer_loss", "--label-smoothing", "0",
+             "--lplm-permutations", args.lplm_permutations, "--tokens-per-sample", "128", "--shorten-method", "truncate"]
     ckpt, proc = train("lplm-pretrain", flags, corpus / "bin", args, device_flags, updates=args.pretrain_updates)
     if proc is not None:
         print(f"pretraining ELMER with LPLM ({args.pretrain_updates} updates, k={args.lplm_permutations})", flush=True)
@@ -209,17 +302,17 @@ def pretrain(args, device_flags) -> Path:
     return ckpt
 
 
-def quality(system, ckpt, gen_flags, args, device_flags, refs, log_name):
+def quality(row, ckpt, gen_flags, args, device_flags, refs, log_name, uncased=False):
+    """One row's scores and first outputs: fairseq-generate on the test split, D- lines against `refs`."""
     log = args.out / "logs" / f"gen-{log_name}.txt"
     fairseq("generate", args.data, "--path", ckpt, *gen_flags, "--gen-subset", "test",
-            "--batch-size", "32", "--required-batch-size-multiple", "1", "--bpe", "byte_bpe_ids",
-            "--user-dir", HERE.parent / "elmer_fairseq", "--bpe-vocab", args.data.parent / "vocab.json",
-            "--bpe-merges", args.data.parent / "merges.txt", *device_flags, log=log)
+            "--batch-size", "32", "--required-batch-size-multiple", "1", "--user-dir", PLUGIN,
+            *bpe_flags(args.data.parent), *device_flags, log=log)
     hyps, _, _, mean_exit = parse_log(log)
     if sorted(hyps) != list(range(len(refs))):
         raise RuntimeError(f"{log}: {len(hyps)} hypotheses for {len(refs)} references")
     ordered = [hyps[i] for i in range(len(refs))]
-    return {"system": system, **all_metrics(ordered, refs, args.wordnet), "mean_exit_layer": mean_exit,
+    return {"system": row, **all_metrics(ordered, refs, args.wordnet, uncased=uncased), "mean_exit_layer": mean_exit,
             "samples": ordered[: args.show]}
 
 
@@ -229,7 +322,7 @@ def latency(ckpt, gen_flags, args, device):
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_generation_parser()
-    argv = [str(args.data), "--path", str(ckpt), "--user-dir", str(HERE.parent / "elmer_fairseq"), *gen_flags]
+    argv = [str(args.data), "--path", str(ckpt), "--user-dir", str(PLUGIN), *map(str, gen_flags)]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
     utils.import_user_module(cfg.common)
     task = tasks.setup_task(cfg.task)
@@ -254,13 +347,14 @@ def latency(ckpt, gen_flags, args, device):
     return statistics.median(times)
 
 
-def delta_sweep(ckpt, args, device_flags, refs):
+def delta_sweep(system: System, ckpt, args, device_flags, refs, uncased=False):
+    """`system`'s checkpoint decoded at every --deltas: quality and the share of tokens per exit layer."""
     rows = []
-    hard = systems(args)["elmer-hard"][1]["ELMER-Hard (delta=0.5)"]
     for delta in args.deltas:
-        row = quality(f"delta={delta}", ckpt, hard[:-1] + [str(delta)], args, device_flags, refs,
-                      f"elmer-hard-delta{delta}")
-        text = (args.out / "logs" / f"gen-elmer-hard-delta{delta}.txt").read_text()
+        name = f"{system.name}-delta{delta}"
+        row = quality(f"delta={delta}", ckpt, system.sweep + ["--exit-threshold", str(delta)], args, device_flags,
+                      refs, name, uncased)
+        text = (args.out / "logs" / f"gen-{name}.txt").read_text()
         shares = re.search(r"ELMER exit layers over .*?; (.*)$", text, re.M).group(1)
         row["layer_share"] = [float(s) for s in re.findall(r"L\d+ ([\d.]+)%", shares)]
         rows.append(row)
@@ -273,7 +367,7 @@ HEADS = ["system", "R-1", "R-2", "R-L", "R-L, repeats collapsed", "BLEU-1", "BLE
          "Dist-2", "mean len", "empty %", "repeat %", "ms/sample", "speed-up vs AR greedy", "mean exit layer"]
 
 
-def write_tables(rows, sweep, args, header):
+def write_tables(rows, sweeps, args, header):
     with (args.out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=KEYS, extrasaction="ignore")
         writer.writeheader()
@@ -293,53 +387,190 @@ def write_tables(rows, sweep, args, header):
         samples += [f"- **{r['system']}**: {r['samples'][i]}" for r in rows if len(r.get("samples", [])) > i]
         samples.append("")
     (args.out / "samples.md").write_text("\n".join(samples))
-    if sweep:
-        sweep_lines = ["| delta | R-1 | R-2 | R-L | METEOR | mean exit layer | share per layer (L1/L2/..., %) |",
-                       "|---|---|---|---|---|---|---|"]
-        for r in sweep:
-            sweep_lines.append(f"| {r['system'][6:]} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
-                               f"{r['meteor']:.2f} | {r['mean_exit_layer']:.2f} | "
-                               f"{' / '.join(f'{s:.1f}' for s in r['layer_share'])} |")
-        (args.out / "delta_sweep.md").write_text("\n".join(sweep_lines) + "\n")
-        plot_sweep(sweep, args.out / "delta_sweep.png")
+    if sweeps:
+        sweep_lines = []
+        for name, sweep in sweeps.items():  # one table per swept system, one after the other
+            sweep_lines += [f"| delta ({name}) | R-1 | R-2 | R-L | METEOR | mean exit layer | "
+                            f"share per layer (L1/L2/..., %) |", "|---|---|---|---|---|---|---|"]
+            for r in sweep:
+                sweep_lines.append(f"| {r['system'][6:]} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
+                                   f"{r['meteor']:.2f} | {r['mean_exit_layer']:.2f} | "
+                                   f"{' / '.join(f'{s:.1f}' for s in r['layer_share'])} |")
+            sweep_lines.append("")
+        (args.out / "delta_sweep.md").write_text("\n".join(sweep_lines))
+        plot_sweeps(sweeps, args.out / "delta_sweep.png")
     print((args.out / "results.md").read_text())
 
 
-def plot_sweep(sweep, path):
+def plot_sweeps(sweeps, path):
     import matplotlib
 
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger verbose
     import matplotlib.pyplot as plt
 
-    deltas = [float(r["system"][6:]) for r in sweep]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bottom = [0.0] * len(sweep)
-    for layer in range(len(sweep[0]["layer_share"])):
-        share = [r["layer_share"][layer] for r in sweep]
-        ax.bar([str(d) for d in deltas], share, bottom=bottom, label=f"exit at layer {layer + 1}")
-        bottom = [b + s for b, s in zip(bottom, share)]
-    ax.set_xlabel("hard-exit threshold delta (nats)")
-    ax.set_ylabel("share of output tokens (%)")
-    twin = ax.twinx()
-    twin.plot([str(d) for d in deltas], [r["rougeL"] for r in sweep], "k-o", label="ROUGE-L")
-    twin.set_ylabel("ROUGE-L")
-    ax.legend(loc="upper left", fontsize=8)
-    twin.legend(loc="upper right", fontsize=8)
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
+    for ax, (name, sweep) in zip(axes[0], sweeps.items()):
+        deltas = [r["system"][6:] for r in sweep]
+        bottom = [0.0] * len(sweep)
+        for layer in range(len(sweep[0]["layer_share"])):
+            share = [r["layer_share"][layer] for r in sweep]
+            ax.bar(deltas, share, bottom=bottom, label=f"exit at layer {layer + 1}")
+            bottom = [b + s for b, s in zip(bottom, share)]
+        ax.set_xlabel("hard-exit threshold delta (nats)")
+        ax.set_ylabel("share of output tokens (%)")
+        ax.set_title(name)
+        twin = ax.twinx()
+        twin.plot(deltas, [r["rougeL"] for r in sweep], "k-o", label="ROUGE-L")
+        twin.set_ylabel("ROUGE-L")
+        ax.legend(loc="upper left", fontsize=8)
+        twin.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main():
+# ---------------------------------------------------------------- the run: check, train, decode and score, report
+
+
+def check(chosen, args):
+    """Refuses, before anything runs, a combination that could not give its rows."""
+    if not (args.data / "dict.src.txt").exists():
+        sys.exit(f"--data {args.data}: no dict.src.txt; prepare the data first (examples/TASK/prepare.py)")
+    try:
+        bpe_flags(args.data.parent)
+    except FileNotFoundError as e:
+        sys.exit(f"--data {args.data}: {e}")
+    names = {s.name for s in chosen}
+    for s in chosen:
+        if s.teacher and s.teacher not in names:
+            sys.exit(f"--systems: {s.name} learns from the outputs of {s.teacher}; add '{s.teacher}'")
+        if s.pretrain and args.elmer_options:
+            sys.exit(f"--elmer-options: not with {s.name} (its LPLM pretraining would not match); run it separately")
+        if args.warm_start and not s.converted:
+            sys.exit(f"--warm-start: not with {s.name}, which starts from its own pretraining")
+        if args.warm_start and not (args.warm_start / s.converted).is_file():
+            sys.exit(f"--warm-start {args.warm_start}: no {s.converted} for {s.name} (elmer-convert --for ...)")
+
+
+def train_all(chosen, args, device_flags):
+    """Trains the chosen systems, up to --parallel at a time, a teacher before its students (the
+    table's order); returns ({name: checkpoint}, {name: the step that failed and why})."""
+    ckpts, errors, running = {}, {}, {}  # running: {name: fairseq-train process}, oldest first
+
+    def wait(name):
+        proc = running.pop(name)
+        if proc.wait() != 0:
+            errors[name] = f"train: exit {proc.returncode}, see logs/train-{name}.log"
+
+    table = {s.name: s for s in chosen}
+    for system in chosen:
+        data, step = args.data, "train"
+        try:
+            if system.teacher:
+                step = "distill"
+                if system.teacher in running:
+                    wait(system.teacher)
+                if system.teacher in errors or system.teacher not in ckpts:
+                    raise RuntimeError(f"the teacher {system.teacher} did not train")
+                data = distill(table[system.teacher], ckpts[system.teacher], args, device_flags)
+            # a finished fine-tuning run needs no pretrained weights, even where they were deleted
+            if system.pretrain and trained_updates(last_checkpoint(args, system.name)) < args.updates:
+                step = "pretrain"
+                pretrain(args, device_flags)
+            step = "train"
+            ckpts[system.name], proc = train(system.name, train_flags(system, args), data, args, device_flags)
+        except Exception as e:  # noqa: BLE001 (reported in the table)
+            errors[system.name] = f"{step}: {e}"
+            continue
+        if proc is not None:
+            print(f"training {system.name} ({args.updates} updates)", flush=True)
+            running[system.name] = proc
+        if len(running) >= args.parallel:
+            wait(next(iter(running)))
+    for name in list(running):
+        wait(name)
+    return ckpts, errors
+
+
+def decode_and_score(chosen, ckpts, errors, args, device_flags, refs, uncased):
+    """Every row of every chosen system (a failed system's rows say which step failed), each row
+    kept in OUT/rows/ with its checkpoint's update count, and the delta sweeps: (rows, {system: sweep})."""
+    results, sweeps = [], {}
+    for system in chosen:
+        if system.name in errors:
+            results += [{"system": row, "error": errors[system.name]} for row in system.rows]
+            continue
+        ckpt = ckpts[system.name]
+        updates = trained_updates(ckpt)
+        for row, gen_flags in system.rows.items():
+            results.append(score_row(row, ckpt, gen_flags, updates, args, device_flags, refs, uncased))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "samples"}), flush=True)
+        if system.sweep:
+            try:
+                sweeps[system.name] = delta_sweep(system, ckpt, args, device_flags, refs, uncased)
+            except Exception as e:  # noqa: BLE001 (the table is still written)
+                print(f"delta sweep of {system.name} failed: {e}", flush=True)
+    # the speed-up column: every row against the row that a system names as the reference (AR greedy)
+    ms = {r["system"]: r.get("ms_per_sample") for r in results}
+    reference = next((ms[s.speed_reference] for s in chosen if ms.get(s.speed_reference)), None)
+    for r in results:
+        if reference and "ms_per_sample" in r:
+            r["speedup_vs_ar"] = reference / r["ms_per_sample"]
+    return results, sweeps
+
+
+def score_row(row, ckpt, gen_flags, updates, args, device_flags, refs, uncased):
+    """A row's scores and latency, or the step that failed. A row finished in an earlier run from a
+    checkpoint of the same update count is read back from OUT/rows/: an interrupted benchmark
+    continues, and a rerun with more --updates trains further and scores again."""
+    done = args.out / "rows" / (re.sub(r"\W+", "-", row) + ".json")
+    earlier = json.loads(done.read_text()) if done.exists() else {}
+    if earlier.get("updates") == updates:
+        return earlier
+    step = "generate"
+    try:
+        result = quality(row, ckpt, gen_flags, args, device_flags, refs, re.sub(r"\W+", "-", row), uncased)
+        step = "latency"
+        result["ms_per_sample"] = latency(ckpt, gen_flags, args, args.device)
+    except Exception as e:  # noqa: BLE001 (reported in the table)
+        return {"system": row, "error": f"{step}: {e}"}
+    result["updates"] = updates
+    done.write_text(json.dumps(result))
+    return result
+
+
+def report(results, sweeps, chosen, args, refs, lowercased):
+    """OUT/results.md (with a header saying what was run, where), results.csv, samples.md, delta_sweep.md/.png."""
+    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), {args.threads} thread(s)"
+    split = json.loads((args.data.parent / "splits.json").read_text()) if (args.data.parent / "splits.json").exists() else {}
+    if args.warm_start:  # every converted checkpoint has the same size
+        m = converted_model(args.warm_start / chosen[0].converted)
+        size = (f"warm-started from {args.warm_start}, {m.encoder_layers}+{m.decoder_layers} layers, "
+                f"d={m.encoder_embed_dim}")
+    else:
+        size = f"{args.layers}+{args.layers} layers, d={args.dim}"
+    header = (f"{split.get('task', args.data.parent.name)}: test split of {len(refs)} samples "
+              f"(train {split.get('pairs', {}).get('train', '?')} pairs); {size}; {args.updates} updates of "
+              f"<= {args.max_tokens} tokens per system; {hw}; latency: batch size 1, median after "
+              f"{args.warmup_samples} warm-up samples"
+              + (f"; ELMER trained with {args.elmer_options}" if args.elmer_options else "")
+              + ("; references lowercased for scoring (the data's tokenizer.json is uncased)" if lowercased else ""))
+    write_tables(results, sweeps, args, header)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("data/xsum-bench/bin"), help="binarized data (examples/TASK/prepare.py)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--systems", nargs="+", default=NAMES[:5], choices=NAMES,
-                   help="which to train (default: the five without distillation; add e.g. elmer-soft-kd cmlm-kd)")
-    p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers of every system (default: 3)")
-    p.add_argument("--dim", type=int, default=256, help="model width of every system, FFN 4x (default: 256)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads of every system (default: 4)")
+    names = p.add_argument("--systems", nargs="+", metavar="NAME")
+    p.add_argument("--warm-start", type=Path, metavar="DIR",
+                   help="fine-tune every system from an elmer-convert --for transformer cmlm_transformer "
+                        "levenshtein_transformer output (DIR/model.pt, DIR/ARCH.pt), at its size; the data binarized "
+                        "with its dict.txt (docs/converting.md)")
+    p.add_argument("--layers", type=int, help="encoder and decoder layers of every system (default: 3)")
+    p.add_argument("--dim", type=int, help="model width of every system, FFN 4x (default: 256)")
+    p.add_argument("--heads", type=int, help="attention heads of every system (default: 4)")
     p.add_argument("--max-target-length", type=int, default=64,
                    help="longest output of every system: ELMER's T, the AR and NAT --max-len-b (default: 64)")
     p.add_argument("--updates", type=int, default=3000, help="training updates per system (default 3000)")
@@ -363,92 +594,35 @@ def main():
                    help="hard-exit thresholds of the sweep, in nats (default: 0 0.25 0.5 0.75 1)")
     p.add_argument("--show", type=int, default=5, help="test outputs per system written to samples.md")
     p.add_argument("--wordnet", type=Path, default=Path("data/nltk_data"), help="WordNet cache for METEOR")
-    args = p.parse_args()
-    if not (args.data / "dict.src.txt").exists():
-        sys.exit(f"--data {args.data}: no dict.src.txt; prepare the data first (examples/TASK/prepare.py)")
-    if args.elmer_options and "elmer-soft-lplm" in args.systems:
-        sys.exit("--elmer-options: not with elmer-soft-lplm (its LPLM pretraining would not match); run it separately")
-    if any(n.endswith("-kd") for n in args.systems) and "transformer" not in args.systems:
-        sys.exit("--systems: the -kd systems learn from the autoregressive transformer; add 'transformer'")
+    table = systems(p.parse_args([])).values()  # the names, whatever the options
+    names.choices = [s.name for s in table]
+    names.default = [s.name for s in table if not s.teacher and not s.pretrain]
+    names.help = (f"which to train, of {', '.join(names.choices)} (default: {' '.join(names.default)}, the ones "
+                  f"without distillation or pretraining)")
+    args = p.parse_args(argv)
+    sizes = {"layers": 3, "dim": 256, "heads": 4}
+    if args.warm_start:
+        given = [f"--{key}" for key in sizes if getattr(args, key) is not None]
+        if given:
+            p.error(f"{'/'.join(given)}: with --warm-start every system has the converted model's size")
+    else:
+        vars(args).update({key: value for key, value in sizes.items() if getattr(args, key) is None})
+    return args
+
+
+def main():
+    args = parse_args()
+    chosen = [s for s in systems(args).values() if s.name in args.systems]  # the table's order: teachers first
+    check(chosen, args)
     torch.set_num_threads(args.threads)
     for sub in ("logs", "rows"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
-    refs = (args.data.parent / "test.raw.tgt").read_text(encoding="utf-8").splitlines()
     device_flags = ["--cpu"] if args.device == "cpu" else []
-    table, results, errors, ckpts, running = systems(args), [], {}, {}, []
-    order = [n for n in NAMES if n in args.systems]  # the AR model first: distillation needs it
-
-    def wait(name, proc):
-        if proc.wait() != 0:
-            errors[name] = f"train: exit {proc.returncode}, see logs/train-{name}.log"
-
-    for name in order:  # training, up to --parallel systems at a time
-        try:
-            data, step = args.data, "distill" if name.endswith("-kd") else "train"
-            if name.endswith("-kd"):
-                while any(n == "transformer" for n, _ in running):
-                    wait(*running.pop(0))
-                if "transformer" in errors or "transformer" not in ckpts:
-                    raise RuntimeError("the autoregressive transformer did not train")
-                data = distill(ckpts["transformer"], args, device_flags)
-            # a finished fine-tuning run needs no pretrained weights, even where they were deleted
-            if name == "elmer-soft-lplm" and trained_updates(last_checkpoint(args, name)) < args.updates:
-                step = "pretrain"
-                pretrain(args, device_flags)
-                step = "train"
-            ckpts[name], proc = train(name, table[name][0], data, args, device_flags)
-        except Exception as e:  # noqa: BLE001 (reported in the table)
-            errors[name] = f"{step}: {e}"
-            continue
-        if proc is not None:
-            print(f"training {name} ({args.updates} updates)", flush=True)
-            running.append((name, proc))
-        if len(running) >= args.parallel:
-            wait(*running.pop(0))
-    for job in running:
-        wait(*job)
-    for name in order:
-        updates = None if name in errors else trained_updates(ckpts[name])
-        for system, gen_flags in table[name][1].items():
-            if name in errors:
-                results.append({"system": system, "error": errors[name]})
-                continue
-            done = args.out / "rows" / (re.sub(r"\W+", "-", system) + ".json")
-            earlier = json.loads(done.read_text()) if done.exists() else {}
-            # finished in an earlier run from the same checkpoint: an interrupted benchmark continues,
-            # and one rerun with more --updates trains further and scores again
-            if earlier.get("updates") == updates:
-                results.append(earlier)
-                continue
-            step = "generate"
-            try:
-                row = quality(system, ckpts[name], gen_flags, args, device_flags, refs, re.sub(r"\W+", "-", system))
-                step = "latency"
-                row["ms_per_sample"] = latency(ckpts[name], gen_flags, args, args.device)
-                row["updates"] = updates
-                results.append(row)
-                done.write_text(json.dumps(row))
-            except Exception as e:  # noqa: BLE001
-                results.append({"system": system, "error": f"{step}: {e}"})
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "samples"}), flush=True)
-    ar = next((r for r in results if r["system"] == "Transformer (AR, greedy)" and "ms_per_sample" in r), None)
-    for r in results:
-        if ar and "ms_per_sample" in r:
-            r["speedup_vs_ar"] = ar["ms_per_sample"] / r["ms_per_sample"]
-    sweep = []
-    if "elmer-hard" in ckpts and "elmer-hard" not in errors:
-        try:
-            sweep = delta_sweep(ckpts["elmer-hard"], args, device_flags, refs)
-        except Exception as e:  # noqa: BLE001 (the table is still written)
-            print(f"delta sweep failed: {e}", flush=True)
-    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), {args.threads} thread(s)"
-    split = json.loads((args.data.parent / "splits.json").read_text()) if (args.data.parent / "splits.json").exists() else {}
-    header = (f"{split.get('task', args.data.parent.name)}: test split of {len(refs)} samples "
-              f"(train {split.get('pairs', {}).get('train', '?')} pairs); {args.layers}+{args.layers} layers, "
-              f"d={args.dim}; {args.updates} updates of <= {args.max_tokens} tokens per system; {hw}; latency: "
-              f"batch size 1, median after {args.warmup_samples} warm-up samples"
-              + (f"; ELMER trained with {args.elmer_options}" if args.elmer_options else ""))
-    write_tables(results, sweep, args, header)
+    refs = (args.data.parent / "test.raw.tgt").read_text(encoding="utf-8").splitlines()
+    lowercased = uncased(args.data.parent)
+    ckpts, errors = train_all(chosen, args, device_flags)
+    results, sweeps = decode_and_score(chosen, ckpts, errors, args, device_flags, refs, lowercased)
+    report(results, sweeps, chosen, args, refs, lowercased)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def bench_args(a, **over):
         out=a.work, data=a.work / "data" / "bin", layers=s["layers"], dim=s["dim"], heads=s["heads"],
         max_target_length=s["target"], max_tokens=s["max_tokens"], lr=s["lr"], warmup=s["warmup"], updates=1,
         train_threads=1 if a.dry_run else 2, elmer_options="", pretrain_updates=s["lplm_updates"],
-        lplm_permutations=s["k"], warmup_samples=s["warmup_samples"], device="cpu" if a.dry_run else "cuda")
+        lplm_permutations=s["k"], warmup_samples=s["warmup_samples"], device="cpu" if a.dry_run else "cuda",
+        warm_start=None)
     vars(args).update(over)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     return args
@@ -286,7 +287,7 @@ def step_latency(a):
     systems, device = benchmark.systems(args), ["--cpu"] if a.dry_run else []  # fp32, as benchmark.py times
     procs = {}
     for name in LATENCY_SYSTEMS:
-        flags = systems[name][0] + ["--max-tokens", "1024", "--no-save-optimizer-state"]
+        flags = benchmark.train_flags(systems[name], args) + ["--max-tokens", "1024", "--no-save-optimizer-state"]
         procs[name] = benchmark.train(f"latency-{name}", flags, args.data, args, device, updates=s["latency_updates"])
     rows, errors = [], []
     for name in LATENCY_SYSTEMS:
@@ -295,9 +296,9 @@ def step_latency(a):
             finish(args, f"latency-{name}", proc)
         except Failed as e:
             errors.append(str(e))
-            rows += [(system, None, str(e)) for system in systems[name][1]]
+            rows += [(system, None, str(e)) for system in systems[name].rows]
             continue
-        for system, gen_flags in systems[name][1].items():
+        for system, gen_flags in systems[name].rows.items():
             try:
                 rows.append((system, benchmark.latency(ckpt, gen_flags, args, args.device), ""))
             except Exception as e:  # noqa: BLE001 (the other systems still get their rows)
@@ -347,8 +348,8 @@ def finetune(a, precision):
 
     s, args = size(a), bench_args(a)
     systems, name = benchmark.systems(args), f"finetune-{precision}"
-    flags = systems["elmer-soft"][0] + ["--arch", "elmer_base", "--log-interval", str(s["log_every"]),
-                                        "--no-save-optimizer-state"]
+    flags = benchmark.train_flags(systems["elmer-soft"], args) + [
+        "--arch", "elmer_base", "--log-interval", str(s["log_every"]), "--no-save-optimizer-state"]
     device = precision_flags(a, precision)
     start = time.time()
     ckpt, proc = benchmark.train(name, flags, args.data, args, device, updates=s["updates"])
@@ -356,7 +357,7 @@ def finetune(a, precision):
     seconds = time.time() - start
     trend = loss_falls(losses(train_log(args, name)), f"{name} ({train_log(args, name).name})")
     decode = device if a.dry_run or precision == "fp16" else []
-    hyps, gen_seconds, mean_exit, log = generate(args, a, ckpt, systems["elmer-soft"][1]["ELMER-Soft"], decode, name,
+    hyps, gen_seconds, mean_exit, log = generate(args, a, ckpt, systems["elmer-soft"].rows["ELMER-Soft"], decode, name,
                                                  args.data.parent)
     if sorted(hyps) != list(range(s["test"])):
         raise Failed(f"{log.name}: {len(hyps)} outputs for {s['test']} test articles")
@@ -415,7 +416,7 @@ def step_distributed(a):
     dist = ["--distributed-world-size", "1", "--distributed-rank", "0", "--device-id", "0", "--distributed-init-method",
             f"tcp://127.0.0.1:{free_port()}", "--distributed-no-spawn", "--distributed-backend", backend]
     device = ["--cpu", "--ddp-backend", "legacy_ddp"] if a.dry_run else []  # fp32: the NCCL path alone
-    flags = benchmark.systems(args)["elmer-soft"][0]
+    flags = benchmark.train_flags(benchmark.systems(args)["elmer-soft"], args)
     ckpt, proc = benchmark.train("distributed", flags, args.data, args, device + dist, updates=3)
     finish(args, "distributed", proc)
     log = train_log(args, "distributed").read_text()

@@ -9,6 +9,9 @@ NLTK_DATA/corpora/wordnet. Distinct-1/2: distinct n-grams / all n-grams over the
 Degeneracy: share of empty outputs and of outputs with a word repeated back to back.
 ROUGE-L once more after collapsing back-to-back repeats ("on on on" -> "on"), the post-processing
 of the ELMER authors' test script, so their way of scoring is on record next to the raw one.
+Uncased systems (a vocabulary that lowercases, e.g. MiniLM's WordPiece) are scored against
+lowercased references (all_metrics(..., uncased=True)): sacrebleu's BLEU counts case, so cased
+references would cost them BLEU for capitals they cannot write; rouge-score and METEOR lowercase anyway.
 """
 import fcntl
 import io
@@ -99,16 +102,19 @@ def collapse_repeats(hyp: str) -> str:
     return " ".join(w for i, w in enumerate(words) if i == 0 or w != words[i - 1])
 
 
-def all_metrics(hyps, refs, wordnet_cache: Path):
+def all_metrics(hyps, refs, wordnet_cache: Path, uncased: bool = False):
+    """Every metric of the tables; `uncased`: the system writes lowercase only, so the references are lowercased."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    if uncased:
+        refs = [r.lower() for r in refs]
     collapsed = rouge([collapse_repeats(h) for h in hyps], refs)["rougeL"]
     return {**rouge(hyps, refs), **bleu(hyps, refs), **meteor(hyps, refs, wordnet_cache), **diversity(hyps),
             "rougeL_collapsed": collapsed}
 
 
-if __name__ == "__main__":  # python examples/metrics.py HYPS REFS: every metric of two line-aligned files
+if __name__ == "__main__":  # python examples/metrics.py HYPS REFS [--uncased]: every metric of two line-aligned files
     logging.basicConfig(level=logging.INFO)
     hyp_lines, ref_lines = (io.open(f, encoding="utf-8").read().splitlines() for f in sys.argv[1:3])
-    for key, value in all_metrics(hyp_lines, ref_lines, Path("data/nltk_data")).items():
+    for key, value in all_metrics(hyp_lines, ref_lines, Path("data/nltk_data"), "--uncased" in sys.argv[3:]).items():
         print(f"{key}\t{value:.2f}")

@@ -14,8 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metrics import rouge  # noqa: E402
+# examples/ is a folder of scripts: a script's own folder is sys.path[0], so metrics.py imports by name
+from metrics import rouge
 
 TIMER = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
 EXITS = re.compile(r"ELMER exit layers over .*: mean ([\d.]+) of (\d+)")

@@ -112,6 +112,15 @@ def test_metrics_on_known_outputs(tmp_path):
         metrics.all_metrics(refs[:1], refs, tmp_path)
 
 
+def test_uncased_systems_are_scored_against_lowercased_references(wordnet):
+    """An uncased vocabulary (MiniLM's WordPiece) cannot write capitals: sacrebleu's BLEU counts
+    case, so the references are lowercased for such a system; ROUGE and METEOR lowercase anyway."""
+    hyps, refs = ["the cat sat on the mat"], ["The Cat sat on the Mat"]
+    cased, uncased = metrics.all_metrics(hyps, refs, wordnet), metrics.all_metrics(hyps, refs, wordnet, uncased=True)
+    assert cased["bleu4"] < 50 and uncased["bleu4"] == pytest.approx(100)
+    assert cased["rougeL"] == uncased["rougeL"] == pytest.approx(100) and cased["meteor"] == uncased["meteor"]
+
+
 def test_meteor_uses_wordnet_synonyms(wordnet):
     exact = metrics.meteor(["the cat sat on the mat"], ["the cat sat on the mat"], wordnet)["meteor"]
     synonym = metrics.meteor(["the cat sat on the carpet"], ["the cat sat on the rug"], wordnet)["meteor"]

@@ -1,0 +1,86 @@
+"""examples/benchmark.py --warm-start: every system fine-tunes from one elmer-convert output (a tiny
+random BERT converted with --for, nothing downloaded) on data tokenized with its uncased
+WordPiece, is decoded to text with that WordPiece and scored against lowercased references."""
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, XSUM_TINY, cli_env, run_cli
+from elmer_fairseq.bpe import TokenizerVocab
+from test_convert import tiny_bert
+
+BASELINES = ("transformer", "cmlm_transformer", "levenshtein_transformer")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(prepared data folder, elmer-convert output) as docs/converting.md makes them, at test size."""
+    root = tmp_path_factory.mktemp("warm")
+    tiny_bert(root / "hf")  # 2 layers, d = 32, an uncased WordPiece tokenizer.json
+    data = root / "data"
+    subprocess.run([sys.executable, ROOT / "examples" / "xsum" / "prepare.py", "--input", XSUM_TINY, "--out", data,
+                    "--tokenizer", root / "hf" / "tokenizer.json", "--trim-vocab", "--valid", "4", "--test", "4",
+                    "--max-source-tokens", "60", "--max-target-tokens", "16", "--workers", "1"],
+                   check=True, capture_output=True, env=cli_env())
+    run_cli("elmer-convert", root / "hf", root / "ckpt", "--dict", data / "dict.txt", "--for", *BASELINES)
+    return data, root / "ckpt"
+
+
+def warm_benchmark(data, ckpt, out, *systems, wordnet, extra=()):
+    cmd = [sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin", "--out", out, "--device", "cpu",
+           "--warm-start", ckpt, "--systems", *systems, "--max-target-length", "16", "--updates", "2", "--warmup", "1",
+           "--max-tokens", "1024", "--warmup-samples", "1", "--show", "2", "--wordnet", wordnet, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_every_system_fine_tunes_from_the_converted_weights(converted, tmp_path, wordnet):
+    data, ckpt = converted
+    out = tmp_path / "warm"
+    proc = warm_benchmark(data, ckpt, out, "transformer", "elmer-soft", "cmlm", wordnet=wordnet)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert list(rows) == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
+                          "ELMER-Soft, oracle T (authors' test protocol)", "CMLM (0 it.)", "CMLM (10 it.)"]
+    assert not [r["error"] for r in rows.values() if r["error"]]
+    for name, weights in [("transformer", "transformer.pt"), ("elmer-soft", "model.pt"),
+                          ("cmlm", "cmlm_transformer.pt")]:
+        assert f"loading pretrained model from {ckpt / weights}" in (out / "logs" / f"train-{name}.log").read_text()
+        model = torch.load(out / "checkpoints" / name / "checkpoint_last.pt", weights_only=False)["cfg"]["model"]
+        assert (model.encoder_layers, model.decoder_layers, model.encoder_embed_dim) == (2, 2, 32)  # the BERT's size
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert f"warm-started from {ckpt}, 2+2 layers, d=32" in header
+    assert "references lowercased for scoring" in header  # the tiny BERT's tokenizer is uncased
+    # decoded with the data's WordPiece: D- lines are the H- lines' pieces joined into words
+    generated = (out / "logs" / "gen-ELMER-Soft.txt").read_text()
+    assert "'bpe': {'_name': 'wordpiece'" in generated
+    pieces = dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", generated, re.M))
+    texts = dict(re.findall(r"^D-(\d+)\t\S+\t(.*)$", generated, re.M))
+    vocab = TokenizerVocab(data / "tokenizer.json")
+    assert len(texts) == 4 and all(texts[i] == vocab.detokenize(pieces[i].split()) for i in texts)
+
+def refusal(data, warm, out, *options):
+    """The benchmark's last stderr line for options it must refuse before it writes anything."""
+    cmd = [sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin", "--warm-start", warm,
+           "--out", out, *options]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    return proc.stderr.splitlines()[-1]
+
+
+def test_warm_start_refuses_what_it_cannot_run(converted, tmp_path):
+    data, ckpt = converted
+    assert refusal(data, ckpt, tmp_path / "out", "--systems", "elmer-soft", "--layers", "2").endswith(
+        "--layers: with --warm-start every system has the converted model's size")
+    assert refusal(data, ckpt, tmp_path / "out", "--systems", "elmer-soft-lplm") == (
+        "--warm-start: not with elmer-soft-lplm, which starts from its own pretraining")
+    partial = tmp_path / "converted-for-elmer-only"
+    partial.mkdir()
+    (partial / "model.pt").symlink_to(ckpt / "model.pt")
+    assert refusal(data, partial, tmp_path / "out", "--systems", "elmer-soft", "levt") == (
+        f"--warm-start {partial}: no levenshtein_transformer.pt for levt (elmer-convert --for ...)")
+    assert not (tmp_path / "out").exists()
