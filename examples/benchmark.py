@@ -29,7 +29,8 @@ references lowercased before scoring, and the table's header says so.
     python examples/benchmark.py --data data/bench/boolq/bin --out results/benchmark/boolq [--device cuda]
 
 Writes OUT/results.md, OUT/results.csv, OUT/samples.md (the first outputs of every system, to
-read), OUT/delta_sweep.md and OUT/delta_sweep.png. A system that fails is reported with the step
+read), OUT/delta_sweep.md and OUT/delta_sweep.png, OUT/loss_curves.png (training loss and validation
+NLL against updates, from the training logs). A system that fails is reported with the step
 that failed; the others still get their rows. Rerunning skips trained systems and finished rows
 (OUT/rows/), so an interrupted run continues. examples/benchmark_cpu.sh runs all three tasks.
 A system is one `System` record in systems(): a new system is one more entry there.
@@ -241,7 +242,7 @@ def train(name, flags, data, args, device_flags, updates=None):
             # validate and save every `every` updates and at the end, not after every (tiny) epoch
             "--validate-interval-updates", every, "--validate-interval", "10000", "--save-interval", "10000",
             "--log-interval", "100", "--seed", "1", "--num-workers", "0", *device_flags, *flags]
-    log = (args.out / "logs" / f"train-{name}.log").open("w")
+    log = (args.out / "logs" / f"train-{name}.log").open("a")  # a resumed run adds to its curve
     env = {**os.environ, "OMP_NUM_THREADS": str(args.train_threads), "MKL_NUM_THREADS": str(args.train_threads)}
     return ckpt, subprocess.Popen([*fairseq_cli("train"), *map(str, argv)], stdout=log, stderr=subprocess.STDOUT,
                                   env=env)
@@ -402,12 +403,49 @@ def write_tables(rows, sweeps, args, header):
     print((args.out / "results.md").read_text())
 
 
-def plot_sweeps(sweeps, path):
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger verbose
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+TRAIN_LOSS = re.compile(r"\| train_inner \|.* loss=([\d.]+),.* num_updates=(\d+)")
+VALID_NLL = re.compile(r"\| valid on 'valid' subset \|.*\| nll_loss ([\d.]+) \|.*\| num_updates (\d+)")
+
+
+def loss_curves(log: Path):
+    """(train loss, valid NLL) as [(update, value)] from a fairseq-train log (fairseq logs base 2)."""
+    text = log.read_text(errors="replace")
+    return [[(int(n), float(v)) for v, n in pattern.findall(text)] for pattern in (TRAIN_LOSS, VALID_NLL)]
+
+
+def plot_losses(logs: Path, path: Path):
+    """One panel of training loss and one of validation NLL against updates, every system trained here."""
+    curves = {log.stem[len("train-"):]: loss_curves(log) for log in sorted(logs.glob("train-*.log"))}
+    curves = {name: c for name, c in curves.items() if c[0] or c[1]}
+    if not curves:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, (train_loss, valid_nll) in curves.items():
+        for ax, points, style in ((axes[0], train_loss, "-"), (axes[1], valid_nll, "-o")):
+            if points:
+                ax.plot(*zip(*points), style, label=name, markersize=3)
+    axes[0].set_title("training loss (each criterion's own: smoothing, length and layer terms included)")
+    axes[1].set_title("validation NLL of the output layer (bits per target token)")
+    for ax in axes:
+        ax.set_xlabel("updates")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_sweeps(sweeps, path):
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
     for ax, (name, sweep) in zip(axes[0], sweeps.items()):
@@ -556,6 +594,7 @@ def report(results, sweeps, chosen, args, refs, lowercased):
               + (f"; ELMER trained with {args.elmer_options}" if args.elmer_options else "")
               + ("; references lowercased for scoring (the data's tokenizer.json is uncased)" if lowercased else ""))
     write_tables(results, sweeps, args, header)
+    plot_losses(args.out / "logs", args.out / "loss_curves.png")
 
 
 def parse_args(argv=None):

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, XSUM_TINY
 
 sys.path.insert(0, str(ROOT / "examples"))
+import benchmark as harness  # noqa: E402  (`benchmark` below runs it as a script)
 import metrics  # noqa: E402
 import taskdata  # noqa: E402
 
@@ -172,6 +173,7 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, word
     assert len(distilled) == len((bench_data / "train.tgt").read_text().splitlines())
     assert "## Sample 1" in (out / "samples.md").read_text()
     assert "ELMER-Soft" in (out / "results.md").read_text()
+    assert (out / "loss_curves.png").stat().st_size > 0
 
     # a broken checkpoint: that system's rows say which step failed, the finished rows are kept
     (out / "rows" / "ELMER-Soft.json").unlink()
@@ -261,3 +263,16 @@ def test_parallel_benchmarks_build_wordnet_once_without_racing(tmp_path):
     assert sorted(f.name for f in target.iterdir()) == ["data.noun", "index.noun"]
     assert (target / "data.noun").read_bytes() == b"line one\nline two\n" * 20000
     assert not (tmp_path / "corpora" / "wordnet.partial").exists()
+
+
+def test_loss_curves_are_read_from_fairseq_train_logs(tmp_path):
+    log = tmp_path / "train-elmer-soft.log"
+    log.write_text(
+        "2026-11-30 | INFO | train_inner | epoch 001:    100 / 353 loss=10.823, nll_loss=10.424, layer1=10.975, "
+        "ups=2.22, num_updates=100, lr=0.0006\n"
+        "2026-11-30 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 7.989 | nll_loss 8.035 | "
+        "layer1 7.942 | num_updates 800 | best_loss 7.989\n"
+        "2026-11-30 | INFO | train_inner | epoch 003:    900 / 353 loss=6.5, nll_loss=6.4, num_updates=900, lr=1\n")
+    assert harness.loss_curves(log) == [[(100, 10.823), (900, 6.5)], [(800, 8.035)]]
+    harness.plot_losses(tmp_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
