@@ -94,6 +94,7 @@ NOT_NUMERIC = {
     "encoder_embed_path": "pretrained embeddings loaded by fairseq at build (tested here)",
     "decoder_embed_path": "pretrained embeddings loaded by fairseq at build (tested here)",
     "oracle_length": "generation only (test_recipe)",
+    "exit_thresholds": "generation only (test_calibrate)",
     "eval_bleu": "validation BLEU with ELMER's generator (tested here)",
     "eval_bleu_args": "with --eval-bleu", "eval_bleu_detok": "with --eval-bleu",
     "eval_bleu_detok_args": "with --eval-bleu", "eval_tokenized_bleu": "with --eval-bleu",
