@@ -44,7 +44,7 @@ from fairseq.tasks import TASK_REGISTRY
 from omegaconf import OmegaConf
 
 from .bpe import TokenizerVocab
-from .exit_policy import DECODABLE
+from .exit_policy import DECODABLE, DEFAULT_EXIT_THRESHOLD
 from .models.elmer import MASK_SYMBOL
 from .tasks.elmer_translation import ElmerTranslationTask
 
@@ -469,7 +469,7 @@ def main(argv=None):
     p.add_argument("out", help="output folder: model.pt, dict.txt, dict.SRC.txt, dict.TGT.txt (and ARCH.pt with --for)")
     p.add_argument("--config", help="the HF config.json (default: the one beside the weights)")
     p.add_argument("--exit-mode", default="soft", choices=DECODABLE, help="the model's exit mode (default: soft)")
-    p.add_argument("--exit-threshold", type=float, help="hard exit's delta (default 0.5)")
+    p.add_argument("--exit-threshold", type=float, help=f"hard exit's delta (default {DEFAULT_EXIT_THRESHOLD})")
     p.add_argument("--source-lang", default="src", help="source suffix of the data (default: src)")
     p.add_argument("--target-lang", default="tgt", help="target suffix of the data (default: tgt)")
     bert = p.add_argument_group("BERT-family checkpoints (model_type bert or roberta)")

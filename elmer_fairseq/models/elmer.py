@@ -126,7 +126,7 @@ class ElmerModel(TransformerModel):
 
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int,
-                 exit_threshold: float = exit_policy.DEFAULT_EXIT_THRESHOLD) -> Decoded:
+                 exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD) -> Decoded:
         """One-pass decoding of T = `length` positions: encoder once, decoder once."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         return self.decoder.decode(encoder_out, length, exit_threshold)
@@ -322,7 +322,8 @@ class ElmerDecoder(TransformerDecoder):
         return logits.transpose(0, 1)
 
     @torch.no_grad()
-    def decode(self, encoder_out, length: int, exit_threshold: float = 0.5,
+    def decode(self, encoder_out, length: int,
+               exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                forced_exits: Optional[Tensor] = None) -> Decoded:
         """One pass over T = `length` [MASK] positions with the model's exit mode.
 
