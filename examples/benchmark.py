@@ -435,8 +435,8 @@ def plot_losses(logs: Path, path: Path):
         for ax, points, style in ((axes[0], train_loss, "-"), (axes[1], valid_nll, "-o")):
             if points:
                 ax.plot(*zip(*points), style, label=name, markersize=3)
-    axes[0].set_title("training loss (each criterion's own: smoothing, length and layer terms included)")
-    axes[1].set_title("validation NLL of the output layer (bits per target token)")
+    axes[0].set_title("training loss (each criterion's own terms)", fontsize=10)
+    axes[1].set_title("validation NLL, output layer (bits/token)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("updates")
         ax.legend(fontsize=8)
