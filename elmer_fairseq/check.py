@@ -7,6 +7,7 @@ or of an untested version, and exits non-zero when a requirement is missing. Run
 import argparse
 import importlib
 import logging
+import os
 import sys
 from importlib import metadata
 
@@ -67,8 +68,6 @@ def report(build: bool = False):
 
 
 def plugin_dir():
-    import os
-
     import elmer_fairseq
 
     return os.path.dirname(elmer_fairseq.__file__)

@@ -45,9 +45,6 @@ class LayerThresholds(NamedTuple):
     values: Tuple[float, ...]
     source: str = ""
 
-    def at(self, layer: int) -> float:
-        return self.values[layer]
-
     def save(self, path, **details):
         Path(path).write_text(json.dumps({"signal": self.signal, "thresholds": list(self.values), **details},
                                          indent=1) + "\n", encoding="utf-8")
@@ -132,7 +129,7 @@ def layer_rule(threshold: Threshold, layer: int, num_layers: int) -> Tuple[str, 
     if layer == num_layers - 1:
         return "entropy", math.inf
     if isinstance(threshold, LayerThresholds):
-        return threshold.signal, threshold.at(layer)
+        return threshold.signal, threshold.values[layer]
     return "entropy", threshold
 
 
