@@ -2,13 +2,15 @@
 and decoding with it."""
 import json
 import math
+import shutil
+import sys
 
 import numpy as np
 import pytest
 
-from elmer_fairseq import calibrate, exit_policy
+from elmer_fairseq import ELMER, calibrate, exit_policy
 
-from conftest import expect_failure, generate_args, run_cli
+from conftest import ROOT, expect_failure, generate_args, run_cli
 
 
 def test_proposed_threshold_lets_exactly_the_most_certain_positions_through():
@@ -98,3 +100,33 @@ def test_thresholds_files_are_for_hard_exit_and_are_checked(trained, xsum_tiny, 
     expect_failure("fairseq-generate", generate_args(xsum_tiny, trained["hard"], "--exit-thresholds",
                                                      tmp_path / "three.json"),
                    f"--exit-thresholds {tmp_path / 'three.json'}: 2 thresholds for a 2-layer decoder")
+
+
+def test_the_report_puts_calibrated_thresholds_next_to_fixed_ones_on_the_test_split(trained, xsum_tiny, tmp_path):
+    """examples/calibration_report.py: full depth changes nothing, a δ every position passes sends all of them
+    out at layer 1 with the disagreement calibrate's own risk measure finds, and each ε gets its file and row."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import calibration_report
+
+    shutil.copytree(xsum_tiny, tmp_path / "task" / "bin")
+    shutil.copy(xsum_tiny.parent / "test.tgt", tmp_path / "task" / "test.raw.tgt")
+    out = tmp_path / "report"
+    rows = calibration_report.main(["--path", str(trained["hard"]), "--data", str(tmp_path / "task" / "bin"),
+                                    "--out", str(out), "--epsilons", "0.99", "--alpha", "0.5", "--deltas", "100",
+                                    "--latency-samples", "2"])
+    full, everything_out, calibrated = rows
+    assert full["policy"] == "full depth" and full["disagreement"] == 0 and full["exit_shares"] == [0.0, 1.0]
+    assert everything_out["exit_shares"] == [1.0, 0.0] and everything_out["mean_exit_layer"] == 1.0
+    hub = ELMER.from_pretrained(trained["hard"], data=xsum_tiny, device="cpu")
+    task = hub.task
+    task.load_dataset("test")
+    dataset = task.dataset("test")
+    batches = [dataset.collater([dataset[i] for i in range(len(dataset))])]
+    risks = calibrate.sequence_risks(hub.models[0], batches, task.cfg.max_target_length, 100.0)
+    assert everything_out["disagreement"] == pytest.approx(risks.mean())
+    saved = exit_policy.LayerThresholds.load(out / "exit_thresholds-eps0.99.json", 2)
+    assert calibrated["policy"] == "ε = 0.99 (calibrated)" and calibrated["thresholds"] == list(saved.values)
+    assert all(r["ms_per_sample"] > 0 and 0 <= r["rougeL"] <= 100 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| full depth |" in report and "| δ = 100 |" in report and "ε = 0.99 (calibrated)" in report
+    assert json.loads((out / "report.json").read_text())["calibration"]["ε = 0.99 (calibrated)"]["epsilon"] == 0.99
