@@ -488,6 +488,14 @@ def check(chosen, args):
             sys.exit(f"--warm-start: not with {s.name}, which starts from its own pretraining")
         if args.warm_start and not (args.warm_start / s.converted).is_file():
             sys.exit(f"--warm-start {args.warm_start}: no {s.converted} for {s.name} (elmer-convert --for ...)")
+    vocab = args.warm_start / "dict.txt" if args.warm_start else None
+    if vocab and vocab.is_file() and symbols(vocab) != symbols(args.data / "dict.src.txt"):
+        sys.exit(f"--warm-start {args.warm_start}: --data {args.data} was binarized with another vocabulary than "
+                 f"{vocab} (examples/TASK/prepare.py --dict {vocab})")
+
+
+def symbols(dict_file: Path) -> list:
+    return [line.split(" ", 1)[0] for line in dict_file.read_text(encoding="utf-8").splitlines()]
 
 
 def train_all(chosen, args, device_flags):

@@ -243,6 +243,20 @@ def test_checkpoint_with_an_object_outside_the_allow_list(xsum_tiny, trained, tm
     assert len(hypotheses(proc.stdout)) == 8
 
 
+def test_data_of_another_vocabulary_than_the_checkpoints(xsum_tiny, trained, tmp_path):
+    """Fine-tuning or decoding a checkpoint on data binarized with another dictionary: the sizes
+    that differ and what to do, with the checkpoint's path (fairseq names it for fine-tuning)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split in ("train", "valid", "test"):
+        write_pairs(raw, split, [("a few other words here .", "other words ."), ("more text , new words", "new")])
+    preprocess(raw, raw / "bin")
+    message = "the data was binarized with another vocabulary than the checkpoint's"
+    expect_failure("fairseq-train", train_args(raw / "bin", tmp_path / "save", "--finetune-from-model", trained["soft"]),
+                   "the checkpoint's word embedding has", message, f"from checkpoint {trained['soft']}")
+    expect_failure("fairseq-generate", generate_args(raw / "bin", trained["soft"]), message)
+
+
 @pytest.mark.parametrize("name", ["date", "nosuchmodule.Date", "datetime.nosuch"])
 def test_trusting_a_name_that_is_not_importable(name):
     from elmer_fairseq.checkpoint import trust

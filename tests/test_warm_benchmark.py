@@ -83,4 +83,8 @@ def test_warm_start_refuses_what_it_cannot_run(converted, tmp_path):
     (partial / "model.pt").symlink_to(ckpt / "model.pt")
     assert refusal(data, partial, tmp_path / "out", "--systems", "elmer-soft", "levt") == (
         f"--warm-start {partial}: no levenshtein_transformer.pt for levt (elmer-convert --for ...)")
+    (partial / "dict.txt").write_text("other 1\nwords 1\n", encoding="utf-8")
+    assert refusal(data, partial, tmp_path / "out", "--systems", "elmer-soft") == (
+        f"--warm-start {partial}: --data {data / 'bin'} was binarized with another vocabulary than {partial / 'dict.txt'} "
+        f"(examples/TASK/prepare.py --dict {partial / 'dict.txt'})")
     assert not (tmp_path / "out").exists()

@@ -124,6 +124,17 @@ class ElmerModel(TransformerModel):
         # through the flat training args, as for fairseq's CMLM
         return getattr(self.args, "label_smoothing", 0.0) or 0.0
 
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        # fairseq only says "ensure that the architectures match" (a size mismatch further up)
+        rows = state_dict.get("encoder.embed_tokens.weight")
+        if rows is not None and rows.size(0) != len(self.encoder.dictionary):
+            raise ValueError(
+                f"the checkpoint's word embedding has {rows.size(0)} rows but the data's dictionary has "
+                f"{len(self.encoder.dictionary)} symbols: the data was binarized with another vocabulary than the "
+                f"checkpoint's; binarize it with the checkpoint's dict.txt (fairseq-preprocess --srcdict/--tgtdict, "
+                f"or examples/TASK/prepare.py --dict)")
+        return super().load_state_dict(state_dict, strict, model_cfg, args)
+
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int,
                  exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD) -> Decoded:
