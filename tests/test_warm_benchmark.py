@@ -41,14 +41,18 @@ def warm_benchmark(data, ckpt, out, *systems, wordnet, extra=()):
 def test_every_system_fine_tunes_from_the_converted_weights(converted, tmp_path, wordnet):
     data, ckpt = converted
     out = tmp_path / "warm"
-    proc = warm_benchmark(data, ckpt, out, "transformer", "elmer-soft", "cmlm", wordnet=wordnet)
+    proc = warm_benchmark(data, ckpt, out, "transformer", "elmer-soft", "elmer-hard", "cmlm", "levt", wordnet=wordnet,
+                          extra=("--deltas", "0", "100"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert list(rows) == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
-                          "ELMER-Soft, oracle T (authors' test protocol)", "CMLM (0 it.)", "CMLM (10 it.)"]
+                          "ELMER-Soft, oracle T (authors' test protocol)", "ELMER-Hard (delta=0.5)", "CMLM (0 it.)",
+                          "CMLM (10 it.)", "LevT"]
     assert not [r["error"] for r in rows.values() if r["error"]]
-    for name, weights in [("transformer", "transformer.pt"), ("elmer-soft", "model.pt"),
-                          ("cmlm", "cmlm_transformer.pt")]:
+    # the converted weights are soft exit's (with the fuse W); hard exit fine-tunes from them without it
+    assert "not loading the checkpoint's soft-exit fuse" in (out / "logs" / "train-elmer-hard.log").read_text()
+    for name, weights in [("transformer", "transformer.pt"), ("elmer-soft", "model.pt"), ("elmer-hard", "model.pt"),
+                          ("cmlm", "cmlm_transformer.pt"), ("levt", "levenshtein_transformer.pt")]:
         assert f"loading pretrained model from {ckpt / weights}" in (out / "logs" / f"train-{name}.log").read_text()
         model = torch.load(out / "checkpoints" / name / "checkpoint_last.pt", weights_only=False)["cfg"]["model"]
         assert (model.encoder_layers, model.decoder_layers, model.encoder_embed_dim) == (2, 2, 32)  # the BERT's size

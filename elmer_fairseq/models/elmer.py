@@ -397,12 +397,19 @@ class ElmerDecoder(TransformerDecoder):
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints without this decoder's optional parts (e.g. the soft-exit W of a pretrained
-        LPLM model, or per-layer off-ramps) start those parts from this model's initialisation."""
+        LPLM model, or per-layer off-ramps) start those parts from this model's initialisation; a
+        hard-exit decoder leaves out a soft-exit checkpoint's fuse W, which it has no use for."""
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
-        for key, value in self.state_dict().items():
+        own = self.state_dict()
+        for key, value in own.items():
             if key.startswith(("soft_exit.", "off_ramps.")) and prefix + key not in state_dict:
                 state_dict[prefix + key] = value
+        unused = [k for k in state_dict if k.startswith(prefix + "soft_exit.") and k[len(prefix):] not in own]
+        if unused:  # e.g. elmer-convert's soft-exit weights fine-tuned with --exit-mode hard, which has no fuse
+            logger.info(f"hard exit: not loading the checkpoint's soft-exit fuse ({', '.join(unused)})")
+        for key in unused:
+            del state_dict[key]
         return state_dict
 
 
