@@ -111,9 +111,14 @@ def sequence_risks(model, batches, length: int, threshold) -> np.ndarray:
             net = batch["net_input"]
             full = model.generate(net["src_tokens"], net["src_lengths"], length, 0.0).tokens
             early = model.generate(net["src_tokens"], net["src_lengths"], length, threshold).tokens
-            keep = output_positions(full, eos)
-            risks.append((early.ne(full) & keep).sum(1).double().div(keep.sum(1)).numpy())
+            risks.append(changed_share(early, full, eos).numpy())
     return np.concatenate(risks)
+
+
+def changed_share(early: torch.Tensor, full: torch.Tensor, eos: int) -> torch.Tensor:
+    """[B] per sequence, the share of the full-depth output's positions whose token `early` changed."""
+    keep = output_positions(full, eos)
+    return (early.ne(full) & keep).sum(1).double().div(keep.sum(1))
 
 
 def calibrate(model, task, split: str = "valid", epsilon: float = 0.05, alpha: float = 0.1,

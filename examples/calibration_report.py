@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from elmer_fairseq import ELMER
-from elmer_fairseq.calibrate import calibrate, output_positions
+from elmer_fairseq.calibrate import calibrate, changed_share
 from elmer_fairseq.generator import cut_at_first_eos
 # examples/ is a folder of scripts: a script's own folder is sys.path[0], so siblings import by name
 from benchmark import uncased
@@ -59,8 +59,7 @@ def ms_per_sample(model, dataset, length, threshold, samples: int, warmup: int =
 
 def row(name, threshold, tokens, layers, full, hub, refs, lower, model, dataset, length, args):
     eos, pad = hub.tgt_dict.eos(), hub.tgt_dict.pad()
-    keep = output_positions(full, eos)
-    risk = ((tokens.ne(full) & keep).sum(1).double() / keep.sum(1)).mean().item()
+    risk = changed_share(tokens, full, eos).mean().item()
     own = cut_at_first_eos(tokens, eos, pad).ne(pad)  # this policy's own output positions
     shares = torch.bincount(layers[own] - 1, minlength=model.decoder.num_layers).double() / max(1, int(own.sum()))
     hyps = [hub.decode(t[k]) for t, k in zip(tokens, own)]
