@@ -15,6 +15,8 @@ still patches, after a warning, because the wrapped functions may have changed. 
    they are;
 3. `fairseq.distributed.utils.call_main`: the distributed options are checked before anything
    starts, and torchrun's environment is read on CPU too (`distributed.check_distributed_options`);
+   after training the process group is destroyed (left to the interpreter's exit, gloo can abort
+   a finished run);
 4. `fairseq.distributed.utils.distributed_init`: with `--distributed-init-method tcp://...`, a
    rendezvous with a deadline (ELMER_RENDEZVOUS_TIMEOUT) instead of a hang
    (`distributed.rendezvous`), and the warning fairseq's own init then gives is silenced.
@@ -90,7 +92,12 @@ def load_checkpoint_to_cpu(path, *args, **kwargs):
 
 def call_main(cfg, main, **kwargs):
     distributed.check_distributed_options(cfg)
-    return _original["fairseq.distributed.utils.call_main"](cfg, main, **kwargs)
+    result = _original["fairseq.distributed.utils.call_main"](cfg, main, **kwargs)
+    # fairseq leaves the process group to the interpreter's exit, where gloo's threads can die
+    # unjoined ("terminate called without an active exception", SIGABRT after a finished run)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def distributed_init(cfg):
