@@ -66,7 +66,6 @@ class ElmerModel(TransformerModel):
         if MASK_SYMBOL not in task.target_dictionary:
             raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use an ELMER task")
         args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None))
-        warn_smoothing_floor(args, len(task.target_dictionary))
         eps = getattr(args, "layernorm_eps", None)
         if eps is not None and not eps > 0:  # also rejects NaN
             raise ValueError(f"--layernorm-eps must be > 0, got {eps}")

@@ -16,7 +16,7 @@ from omegaconf import II
 from ..generator import ElmerGenerator
 from .. import exit_policy
 from ..exit_policy import DEFAULT_EXIT_THRESHOLD
-from ..models.elmer import MASK_SYMBOL, ElmerModel
+from ..models.elmer import MASK_SYMBOL, ElmerModel, warn_smoothing_floor
 from ..ops import prepare as prepare_off_ramp
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         if not from_checkpoint:  # a new model takes this run's exit options; a loaded one keeps its own
             cfg.exit_mode, cfg.exit_threshold = exit_policy.resolve(self.cfg.exit_mode, self.cfg.exit_threshold)
+            # about training: a loaded checkpoint decodes with whatever thresholds it is given
+            warn_smoothing_floor(cfg, len(self.target_dictionary))
         return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
 
     def build_generator(self, models, args, **unused):
