@@ -71,6 +71,8 @@ WORDS, POSITIONS, TOKEN_TYPES = ("embeddings.word_embeddings.weight", "embedding
 BASELINES = {"transformer": "translation", "cmlm_transformer": "translation_lev",
              "levenshtein_transformer": "translation_lev"}
 BASELINE_OPTIONS = {"encoder_learned_pos": True, "decoder_learned_pos": True, "share_all_embeddings": True}
+SOFT_EXIT_W = "decoder.soft_exit.weight"
+SOFT_EXIT_INITS = ("pass-through", "random")  # how W starts when the checkpoint has none; the first is the default
 
 
 def bart_dictionary(vocab_size: int) -> Dictionary:
@@ -158,16 +160,36 @@ def hf_name(key: str) -> str:
     embeddings and soft exit's W (the authors' `concat_head`)."""
     if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight"):
         return "model.shared.weight"
-    if key == "decoder.soft_exit.weight":
+    if key == SOFT_EXIT_W:
         return "concat_head.weight"
     return "model." + key
 
 
+def start_soft_exit(weights: dict, how: str, source: str):
+    """Soft exit's W for a checkpoint that has none. "pass-through": W = [0 | I], so that the fused
+    state W [Embed(y); h] starts as h itself and every pretrained decoder layer first reads what it
+    was trained on (a random W feeds each one a random projection of the layer below, undoing the
+    warm start above layer 1); the Embed(y) half gets gradients and learns from zero. "random":
+    ELMER's initialisation, as a model trained from scratch has it."""
+    if how not in SOFT_EXIT_INITS:
+        raise ValueError(f"--soft-exit-init {how}: not one of {', '.join(SOFT_EXIT_INITS)}")
+    if SOFT_EXIT_W not in weights:
+        return
+    logger.info(f"{source} has no soft-exit W: it starts {how}"
+                + (" (W = [0 | I]: each decoder layer first reads the layer below as it is)" if how == "pass-through" else ""))
+    if how == "pass-through":
+        init = weights[SOFT_EXIT_W]
+        dim = init.shape[0]
+        weights[SOFT_EXIT_W] = torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1).to(init.dtype)
+
+
 def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_threshold=None,
-                    source_lang: str = "src", target_lang: str = "tgt", source: str = "the state dict") -> dict:
+                    source_lang: str = "src", target_lang: str = "tgt", source: str = "the state dict",
+                    soft_exit_init: str = SOFT_EXIT_INITS[0]) -> dict:
     """A fairseq checkpoint (what fairseq-train writes, before any update) of ELMER with the weights
     of the HF BART-style `state_dict` and `config` (a config.json dict or a transformers config).
-    `source` names the input in error messages."""
+    `source` names the input in error messages; `soft_exit_init` says how soft exit's W starts
+    where the checkpoint has none (`start_soft_exit`)."""
     config = config if isinstance(config, dict) else config.to_dict()
     dictionary = bart_dictionary(config_value(config, "vocab_size", source))
     cfg, model = build_elmer(model_options(config, source), dictionary, exit_mode, exit_threshold,
@@ -180,7 +202,7 @@ def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_thre
     if bias is not None and bias.any():
         raise ValueError(f"{source}: final_logits_bias is not zero (max |b| = {bias.abs().max():.3g}); ELMER's "
                          f"off-ramps have no bias, so its logits cannot be reproduced")
-    if "decoder.soft_exit.weight" not in model.state_dict() and state.pop("concat_head.weight", None) is not None:
+    if SOFT_EXIT_W not in model.state_dict() and state.pop("concat_head.weight", None) is not None:
         logger.info("concat_head.weight (soft exit's W) is not used by a hard-exit model: left out")
     weights = {}
     for key, init in model.state_dict().items():
@@ -188,8 +210,7 @@ def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_thre
         if key.endswith(".version"):  # fairseq's format marker, not a weight
             weights[key] = init
             continue
-        if key == "decoder.soft_exit.weight" and name not in state:
-            logger.info(f"{source} has no concat_head.weight: soft exit's W starts from ELMER's initialisation")
+        if key == SOFT_EXIT_W and name not in state:  # plain BART: see start_soft_exit below
             weights[key] = init
             continue
         if name not in state:
@@ -198,13 +219,15 @@ def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_thre
         if weight.shape != init.shape:
             raise ValueError(f"{source}: {name} has shape {list(weight.shape)}, but the config needs "
                              f"{list(init.shape)} (our {key})")
-        if key == "decoder.soft_exit.weight":  # the authors concatenate [h; Embed(y)], we [Embed(y); h]
+        if key == SOFT_EXIT_W:  # the authors concatenate [h; Embed(y)], we [Embed(y); h]
             weight = torch.cat(weight.chunk(2, dim=1)[::-1], dim=1)
         weights[key] = weight.to(init.dtype)
     unused = sorted(set(state) - {hf_name(key) for key in weights})
     if unused:
         raise ValueError(f"{source}: {len(unused)} weights that a BART of this config does not have: "
                          f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
+    if "concat_head.weight" not in state:
+        start_soft_exit(weights, soft_exit_init, source)
     return new_checkpoint(cfg, weights)
 
 
@@ -383,10 +406,12 @@ def check_tokenizer(vocab: TokenizerVocab, config: dict, source: str):
 
 def convert_bert_family(state_dict: dict, config, vocab: TokenizerVocab, dictionary: Dictionary = None,
                         exit_mode: str = "soft", exit_threshold=None, source_lang: str = "src",
-                        target_lang: str = "tgt", baselines=(), source: str = "the state dict") -> dict:
+                        target_lang: str = "tgt", baselines=(), source: str = "the state dict",
+                        soft_exit_init: str = SOFT_EXIT_INITS[0]) -> dict:
     """{file name: (checkpoint, the fairseq-train options that rebuild its model)} of a BERT-family
     encoder: ELMER's model.pt, and ARCH.pt for each fairseq architecture in `baselines`; all over
-    `dictionary` (dict.txt's symbols; default: `vocab`'s every token)."""
+    `dictionary` (dict.txt's symbols; default: `vocab`'s every token). BERT has no soft-exit W:
+    `soft_exit_init` says how it starts (`start_soft_exit`)."""
     config = config if isinstance(config, dict) else config.to_dict()
     opts = bert_model_options(config, source)
     check_tokenizer(vocab, config, source)
@@ -394,7 +419,9 @@ def convert_bert_family(state_dict: dict, config, vocab: TokenizerVocab, diction
     dictionary = vocab.dictionary() if dictionary is None else dictionary
     cfg, model = build_elmer(opts, dictionary, exit_mode, exit_threshold, source_lang, target_lang)
     arch, flags = arch_and_flags(opts)
-    out = {"model.pt": (new_checkpoint(cfg, load_bert(model, bert, config, vocab, source)), ["--arch", arch, *flags])}
+    weights = load_bert(model, bert, config, vocab, source)
+    start_soft_exit(weights, soft_exit_init, source)
+    out = {"model.pt": (new_checkpoint(cfg, weights), ["--arch", arch, *flags])}
     if baselines:
         logger.warning(f"fairseq's {', '.join(baselines)} have no LayerNorm eps option: they compute with 1e-5, "
                        f"not the checkpoint's {opts['layernorm_eps']} (outputs move by ~1e-2 before fine-tuning)")
@@ -470,6 +497,11 @@ def main(argv=None):
     p.add_argument("--config", help="the HF config.json (default: the one beside the weights)")
     p.add_argument("--exit-mode", default="soft", choices=DECODABLE, help="the model's exit mode (default: soft)")
     p.add_argument("--exit-threshold", type=float, help=f"hard exit's delta (default {DEFAULT_EXIT_THRESHOLD})")
+    p.add_argument("--soft-exit-init", choices=SOFT_EXIT_INITS,
+                   help="how soft exit's W in W [Embed(y); h] starts when the checkpoint has none (BERT, plain "
+                        "BART): pass-through (the default) starts it as [0 | I], so each pretrained decoder layer "
+                        "first reads the layer below unchanged; random is ELMER's initialisation from scratch, "
+                        "which feeds the pretrained layers random projections. Soft exit only")
     p.add_argument("--source-lang", default="src", help="source suffix of the data (default: src)")
     p.add_argument("--target-lang", default="tgt", help="target suffix of the data (default: tgt)")
     bert = p.add_argument_group("BERT-family checkpoints (model_type bert or roberta)")
@@ -483,13 +515,16 @@ def main(argv=None):
     # force: importing fairseq has set the root logger to DEBUG, which prints hydra's internals
     logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.INFO, force=True)
     try:
+        if args.soft_exit_init and args.exit_mode != "soft":
+            raise ValueError(f"--soft-exit-init: --exit-mode {args.exit_mode} has no soft-exit W to start")
+        soft_exit_init = args.soft_exit_init or SOFT_EXIT_INITS[0]
         state_dict, config, weights = read_hf(args.checkpoint, args.config)
         if config.get("model_type") in BERT_FAMILY:
             vocab = TokenizerVocab(args.tokenizer or weights.parent / "tokenizer.json")
             dictionary = vocab.load_dictionary(args.dict) if args.dict else vocab.dictionary()
             checkpoints = convert_bert_family(state_dict, config, vocab, dictionary, args.exit_mode,
                                               args.exit_threshold, args.source_lang, args.target_lang,
-                                              args.baselines, source=str(weights))
+                                              args.baselines, source=str(weights), soft_exit_init=soft_exit_init)
         else:
             given = [o for o, v in (("--tokenizer", args.tokenizer), ("--dict", args.dict), ("--for", args.baselines)) if v]
             if given:
@@ -497,7 +532,8 @@ def main(argv=None):
                                  f"model_type {config.get('model_type', 'bart')!r}")
             dictionary = None
             checkpoint = convert_hf_bart(state_dict, config, args.exit_mode, args.exit_threshold,
-                                         args.source_lang, args.target_lang, source=str(weights))
+                                         args.source_lang, args.target_lang, source=str(weights),
+                                         soft_exit_init=soft_exit_init)
             arch, flags = arch_and_flags(model_options(config, str(weights)))
             checkpoints = {"model.pt": (checkpoint, ["--arch", arch, *flags])}
     except (FileNotFoundError, ImportError, ValueError) as e:

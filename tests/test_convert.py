@@ -12,7 +12,7 @@ from fairseq import checkpoint_utils, options, tasks
 from fairseq.data import data_utils
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
-from conftest import ROOT, XSUM_TINY, cli_env, generate_args, run_cli, write_pairs
+from conftest import ROOT, XSUM_TINY, cli_env, expect_failure, generate_args, run_cli, write_pairs
 from elmer_fairseq import ELMER
 from elmer_fairseq.bpe import TokenizerVocab
 from elmer_fairseq.convert import convert_bert_family, convert_hf_bart, read_hf, save
@@ -168,12 +168,16 @@ def test_authors_concat_head_is_soft_exit(hf_bart, tmp_path):
     assert max_diff(model.decoder(masks_for(model), encoder_out), [logits(hf_bart, h) for h in hf_states]) < TOLERANCE
 
 
-def test_plain_bart_soft_exit_starts_from_initialisation(hf_bart, caplog):
+def test_plain_bart_soft_exit_starts_as_pass_through_or_from_initialisation(hf_bart, caplog):
     with caplog.at_level("INFO"):
-        first = convert_hf_bart(hf_bart.state_dict(), hf_bart.config)
-    assert "no concat_head.weight: soft exit's W starts from ELMER's initialisation" in caplog.text
-    again = convert_hf_bart(hf_bart.state_dict(), hf_bart.config)  # fairseq-train's seed: the same W
-    assert torch.equal(first["model"]["decoder.soft_exit.weight"], again["model"]["decoder.soft_exit.weight"])
+        passing = convert_hf_bart(hf_bart.state_dict(), hf_bart.config)["model"]["decoder.soft_exit.weight"]
+    assert "has no soft-exit W: it starts pass-through" in caplog.text
+    dim = hf_bart.config.d_model
+    assert torch.equal(passing, torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1))
+    first = convert_hf_bart(hf_bart.state_dict(), hf_bart.config, soft_exit_init="random")
+    again = convert_hf_bart(hf_bart.state_dict(), hf_bart.config, soft_exit_init="random")
+    assert torch.equal(first["model"]["decoder.soft_exit.weight"], again["model"]["decoder.soft_exit.weight"])  # the seed
+    assert not torch.equal(first["model"]["decoder.soft_exit.weight"], passing)
 
 
 def test_sharded_and_bare_checkpoints(hf_bart, tmp_path):
@@ -399,6 +403,41 @@ def test_bert_layers_compute_bert(tmp_path):
             decoder_layer.encoder_attn = None  # fairseq's layer then runs self-attention and FFN only
             x = decoder_layer(x, None, None)[0]
             assert float((x.transpose(0, 1) - theirs[layer + 1]).abs().max()) < TOLERANCE
+
+
+@pytest.mark.parametrize("how", ["pass-through", "random"])
+def test_soft_exit_w_passes_the_pretrained_stack_through(tmp_path, caplog, how):
+    """BERT has no soft-exit W. Started as [0 | I] (the default), the converted soft-exit decoder
+    computes BERT's layer stack unchanged before fine-tuning; from ELMER's random initialisation,
+    every layer above the first reads a random projection of the one below."""
+    tiny_bert(tmp_path / "hf")
+    with caplog.at_level("INFO"):
+        model, _, _ = converted(tmp_path / "hf", tmp_path, **({"soft_exit_init": how} if how == "random" else {}))
+    assert f"has no soft-exit W: it starts {how}" in caplog.text
+    decoder, nspecial = model.decoder, model.encoder.dictionary.nspecial
+    torch.manual_seed(0)
+    src = torch.randint(nspecial, len(model.encoder.dictionary) - 1, (2, 9))
+    prev = torch.full((2, 7), decoder.mask_idx)
+    with torch.no_grad():
+        encoder_out = model.encoder(src, src_lengths=torch.tensor([9, 9]))
+        soft = decoder(prev, encoder_out)
+        x, plain = decoder.embed(prev), []
+        for layer in range(decoder.num_layers):
+            x = decoder.run_layer(layer, x, encoder_out)
+            plain.append(torch.nn.functional.linear(x, decoder.off_ramp_weight(layer)).transpose(0, 1))
+    diffs = [float((a - b).abs().max()) for a, b in zip(soft, plain)]
+    assert diffs[0] == 0  # nothing is fused below the first layer
+    if how == "pass-through":
+        assert max(diffs) < TOLERANCE
+    else:
+        assert diffs[1] > 100 * TOLERANCE
+
+
+def test_soft_exit_init_is_refused_with_hard_exit(tmp_path):
+    tiny_bert(tmp_path / "hf")
+    expect_failure("elmer-convert", [tmp_path / "hf", tmp_path / "out", "--exit-mode", "hard", "--soft-exit-init",
+                                     "random"], "--soft-exit-init", "--exit-mode hard has no soft-exit W")
+    assert not (tmp_path / "out").exists()
 
 
 def test_fairseq_eps_changes_bert_outputs(tmp_path):
