@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 
 from .bpe import TokenizerVocab
 from .exit_policy import DECODABLE, DEFAULT_EXIT_THRESHOLD
-from .models.elmer import MASK_SYMBOL
+from .models.elmer import MASK_SYMBOL, pass_through_fuse
 from .tasks.elmer_translation import ElmerTranslationTask
 
 logger = logging.getLogger(__name__)
@@ -166,11 +166,9 @@ def hf_name(key: str) -> str:
 
 
 def start_soft_exit(weights: dict, how: str, source: str):
-    """Soft exit's W for a checkpoint that has none. "pass-through": W = [0 | I], so that the fused
-    state W [Embed(y); h] starts as h itself and every pretrained decoder layer first reads what it
-    was trained on (a random W feeds each one a random projection of the layer below, undoing the
-    warm start above layer 1); the Embed(y) half gets gradients and learns from zero. "random":
-    ELMER's initialisation, as a model trained from scratch has it."""
+    """Soft exit's W for a checkpoint that has none. "pass-through": W = [0 | I]
+    (`models.elmer.pass_through_fuse`), so that every pretrained decoder layer first reads what it
+    was trained on; "random": ELMER's initialisation, as a model trained from scratch has it."""
     if how not in SOFT_EXIT_INITS:
         raise ValueError(f"--soft-exit-init {how}: not one of {', '.join(SOFT_EXIT_INITS)}")
     if SOFT_EXIT_W not in weights:
@@ -178,9 +176,7 @@ def start_soft_exit(weights: dict, how: str, source: str):
     logger.info(f"{source} has no soft-exit W: it starts {how}"
                 + (" (W = [0 | I]: each decoder layer first reads the layer below as it is)" if how == "pass-through" else ""))
     if how == "pass-through":
-        init = weights[SOFT_EXIT_W]
-        dim = init.shape[0]
-        weights[SOFT_EXIT_W] = torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1).to(init.dtype)
+        weights[SOFT_EXIT_W] = pass_through_fuse(weights[SOFT_EXIT_W].shape[0]).to(weights[SOFT_EXIT_W])
 
 
 def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_threshold=None,

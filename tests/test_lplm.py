@@ -439,9 +439,15 @@ def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_p
     assert any(key.startswith("encoder.layers.") for key in before)
     for key, value in before.items():  # every pretrained weight, encoder and decoder, carried over
         assert torch.allclose(weights[key], value, atol=1e-8), key
-    # soft exit's W is not in the pretrained model: it starts from its initialization
-    assert ("decoder.soft_exit.weight" in weights) == (mode == "soft")
+    # soft exit's W is not in the pretrained model: it starts as [0 | I], the pretrained layers reading
+    # the layer below as they were trained to (lr 1e-12: still that after the update)
     assert "decoder.soft_exit.weight" not in before
+    assert ("decoder.soft_exit.weight" in weights) == (mode == "soft")
+    if mode == "soft":
+        assert "the checkpoint has no soft-exit W: it starts as [0 | I]" in proc.stdout
+        dim = weights["decoder.soft_exit.weight"].shape[0]
+        expected = torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1)
+        assert torch.allclose(weights["decoder.soft_exit.weight"], expected, atol=1e-8)
 
 
 # ---------------------------------------------------------------- bad input

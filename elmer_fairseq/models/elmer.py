@@ -395,14 +395,20 @@ class ElmerDecoder(TransformerDecoder):
         return Decoded(view(tokens), view(scores), view(exit_layer))
 
     def upgrade_state_dict_named(self, state_dict, name):
-        """Checkpoints without this decoder's optional parts (e.g. the soft-exit W of a pretrained
-        LPLM model, or per-layer off-ramps) start those parts from this model's initialisation; a
-        hard-exit decoder leaves out a soft-exit checkpoint's fuse W, which it has no use for."""
+        """Checkpoints without this decoder's optional parts start them afresh: per-layer off-ramps
+        from this model's initialisation, the soft-exit W as [0 | I] (`pass_through_fuse`: the
+        checkpoint's layers were trained reading the layer below directly, as in LPLM pretraining
+        or hard exit); a hard-exit decoder leaves out a soft-exit checkpoint's W, which it has no
+        use for."""
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
         own = self.state_dict()
         for key, value in own.items():
             if key.startswith(("soft_exit.", "off_ramps.")) and prefix + key not in state_dict:
+                if key == "soft_exit.weight":
+                    logger.info("the checkpoint has no soft-exit W: it starts as [0 | I], each layer reading the "
+                                "layer below as the checkpoint's layers were trained to")
+                    value = pass_through_fuse(self.embed_dim).to(value)
                 state_dict[prefix + key] = value
         unused = [k for k in state_dict if k.startswith(prefix + "soft_exit.") and k[len(prefix):] not in own]
         if unused:  # e.g. elmer-convert's soft-exit weights fine-tuned with --exit-mode hard, which has no fuse
@@ -460,6 +466,13 @@ def resolve_gold_mix(exit_mode, prob):
         raise ValueError(f"--gold-mix-prob {prob} mixes gold tokens into soft exit's fused inputs; "
                          f"with --exit-mode {exit_mode} nothing is fused (pass 0 or leave it out)")
     return prob
+
+
+def pass_through_fuse(dim: int) -> Tensor:
+    """Soft exit's W = [0 | I]: W [Embed(y); h] = h. The start for a W that pretrained layers never
+    had (a random W hands each layer above the first a random projection of its input); the
+    Embed(y) half still gets gradients and learns from zero."""
+    return torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1)
 
 
 def smoothing_entropy_floor(eps: float, vocab: int) -> float:
