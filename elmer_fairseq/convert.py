@@ -181,11 +181,11 @@ def start_soft_exit(weights: dict, how: str, source: str):
 
 def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_threshold=None,
                     source_lang: str = "src", target_lang: str = "tgt", source: str = "the state dict",
-                    soft_exit_init: str = SOFT_EXIT_INITS[0]) -> dict:
+                    soft_exit_init=None) -> dict:
     """A fairseq checkpoint (what fairseq-train writes, before any update) of ELMER with the weights
     of the HF BART-style `state_dict` and `config` (a config.json dict or a transformers config).
     `source` names the input in error messages; `soft_exit_init` says how soft exit's W starts
-    where the checkpoint has none (`start_soft_exit`)."""
+    where the checkpoint has none (`start_soft_exit`; default pass-through)."""
     config = config if isinstance(config, dict) else config.to_dict()
     dictionary = bart_dictionary(config_value(config, "vocab_size", source))
     cfg, model = build_elmer(model_options(config, source), dictionary, exit_mode, exit_threshold,
@@ -223,7 +223,10 @@ def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_thre
         raise ValueError(f"{source}: {len(unused)} weights that a BART of this config does not have: "
                          f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
     if "concat_head.weight" not in state:
-        start_soft_exit(weights, soft_exit_init, source)
+        start_soft_exit(weights, soft_exit_init or SOFT_EXIT_INITS[0], source)
+    elif soft_exit_init is not None and SOFT_EXIT_W in weights:
+        raise ValueError(f"--soft-exit-init {soft_exit_init}: {source} has its own soft-exit W (concat_head.weight), "
+                         f"which is used as it is; leave the option out")
     return new_checkpoint(cfg, weights)
 
 
@@ -513,14 +516,14 @@ def main(argv=None):
     try:
         if args.soft_exit_init and args.exit_mode != "soft":
             raise ValueError(f"--soft-exit-init: --exit-mode {args.exit_mode} has no soft-exit W to start")
-        soft_exit_init = args.soft_exit_init or SOFT_EXIT_INITS[0]
         state_dict, config, weights = read_hf(args.checkpoint, args.config)
         if config.get("model_type") in BERT_FAMILY:
             vocab = TokenizerVocab(args.tokenizer or weights.parent / "tokenizer.json")
             dictionary = vocab.load_dictionary(args.dict) if args.dict else vocab.dictionary()
             checkpoints = convert_bert_family(state_dict, config, vocab, dictionary, args.exit_mode,
                                               args.exit_threshold, args.source_lang, args.target_lang,
-                                              args.baselines, source=str(weights), soft_exit_init=soft_exit_init)
+                                              args.baselines, source=str(weights),
+                                              soft_exit_init=args.soft_exit_init or SOFT_EXIT_INITS[0])
         else:
             given = [o for o, v in (("--tokenizer", args.tokenizer), ("--dict", args.dict), ("--for", args.baselines)) if v]
             if given:
@@ -529,7 +532,7 @@ def main(argv=None):
             dictionary = None
             checkpoint = convert_hf_bart(state_dict, config, args.exit_mode, args.exit_threshold,
                                          args.source_lang, args.target_lang, source=str(weights),
-                                         soft_exit_init=soft_exit_init)
+                                         soft_exit_init=args.soft_exit_init)
             arch, flags = arch_and_flags(model_options(config, str(weights)))
             checkpoints = {"model.pt": (checkpoint, ["--arch", arch, *flags])}
     except (FileNotFoundError, ImportError, ValueError) as e:

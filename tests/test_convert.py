@@ -166,6 +166,9 @@ def test_authors_concat_head_is_soft_exit(hf_bart, tmp_path):
     _, hf_states = hf_reference(hf_bart, concat_head)
     _, _, encoder_out = encode(model)
     assert max_diff(model.decoder(masks_for(model), encoder_out), [logits(hf_bart, h) for h in hf_states]) < TOLERANCE
+    # the checkpoint's own W is used: an option about starting one is refused, not ignored
+    expect_failure("elmer-convert", [folder, tmp_path / "again", "--soft-exit-init", "random"],
+                   "has its own soft-exit W (concat_head.weight)")
 
 
 def test_plain_bart_soft_exit_starts_as_pass_through_or_from_initialisation(hf_bart, caplog):
