@@ -165,10 +165,11 @@ def hf_name(key: str) -> str:
     return "model." + key
 
 
-def start_soft_exit(weights: dict, how: str, source: str):
-    """Soft exit's W for a checkpoint that has none. "pass-through": W = [0 | I]
+def start_soft_exit(weights: dict, how, source: str):
+    """Soft exit's W for a checkpoint that has none. "pass-through" (also for None): W = [0 | I]
     (`models.elmer.pass_through_fuse`), so that every pretrained decoder layer first reads what it
     was trained on; "random": ELMER's initialisation, as a model trained from scratch has it."""
+    how = how or SOFT_EXIT_INITS[0]
     if how not in SOFT_EXIT_INITS:
         raise ValueError(f"--soft-exit-init {how}: not one of {', '.join(SOFT_EXIT_INITS)}")
     if SOFT_EXIT_W not in weights:
@@ -223,7 +224,7 @@ def convert_hf_bart(state_dict: dict, config, exit_mode: str = "soft", exit_thre
         raise ValueError(f"{source}: {len(unused)} weights that a BART of this config does not have: "
                          f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
     if "concat_head.weight" not in state:
-        start_soft_exit(weights, soft_exit_init or SOFT_EXIT_INITS[0], source)
+        start_soft_exit(weights, soft_exit_init, source)
     elif soft_exit_init is not None and SOFT_EXIT_W in weights:
         raise ValueError(f"--soft-exit-init {soft_exit_init}: {source} has its own soft-exit W (concat_head.weight), "
                          f"which is used as it is; leave the option out")
@@ -406,7 +407,7 @@ def check_tokenizer(vocab: TokenizerVocab, config: dict, source: str):
 def convert_bert_family(state_dict: dict, config, vocab: TokenizerVocab, dictionary: Dictionary = None,
                         exit_mode: str = "soft", exit_threshold=None, source_lang: str = "src",
                         target_lang: str = "tgt", baselines=(), source: str = "the state dict",
-                        soft_exit_init: str = SOFT_EXIT_INITS[0]) -> dict:
+                        soft_exit_init=None) -> dict:
     """{file name: (checkpoint, the fairseq-train options that rebuild its model)} of a BERT-family
     encoder: ELMER's model.pt, and ARCH.pt for each fairseq architecture in `baselines`; all over
     `dictionary` (dict.txt's symbols; default: `vocab`'s every token). BERT has no soft-exit W:
@@ -522,8 +523,7 @@ def main(argv=None):
             dictionary = vocab.load_dictionary(args.dict) if args.dict else vocab.dictionary()
             checkpoints = convert_bert_family(state_dict, config, vocab, dictionary, args.exit_mode,
                                               args.exit_threshold, args.source_lang, args.target_lang,
-                                              args.baselines, source=str(weights),
-                                              soft_exit_init=args.soft_exit_init or SOFT_EXIT_INITS[0])
+                                              args.baselines, source=str(weights), soft_exit_init=args.soft_exit_init)
         else:
             given = [o for o, v in (("--tokenizer", args.tokenizer), ("--dict", args.dict), ("--for", args.baselines)) if v]
             if given:
