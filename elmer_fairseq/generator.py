@@ -6,6 +6,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor
 
+from . import ctc
+
 
 def cut_at_first_eos(tokens: Tensor, eos: int, pad: int) -> Tensor:
     """[B, T] -> the same with every position after the first EOS set to pad (the output's end).
@@ -17,24 +19,40 @@ def cut_at_first_eos(tokens: Tensor, eos: int, pad: int) -> Tensor:
     return tokens.masked_fill(after_eos, pad)
 
 
+def output_positions(model, tokens: Tensor, eos: int, pad: int) -> Tensor:
+    """[B, T] True at the decoded positions that are output tokens: up to the first EOS (the
+    paper's output), or for a CTC model the positions left after merging repeats and dropping blanks."""
+    if model.blank is not None:
+        return ctc.output_positions(tokens, model.blank, eos, pad)
+    return cut_at_first_eos(tokens, eos, pad).ne(pad)
+
+
 class ExitStats:
-    """Counts how many output tokens exit at each layer, for the summary at the end of a run."""
+    """Counts how many output tokens, and how many decoder positions (every one decoded, whether
+    it is written or not), exit at each layer, for the summary at the end of a run."""
 
     def __init__(self, num_layers: int):
         self.counts = torch.zeros(num_layers, dtype=torch.long)
+        self.position_counts = torch.zeros(num_layers, dtype=torch.long)
 
     def add(self, exit_layer: Tensor, keep: Tensor):
         self.counts += torch.bincount(exit_layer[keep].cpu() - 1, minlength=len(self.counts))
+        self.position_counts += torch.bincount(exit_layer.flatten().cpu() - 1, minlength=len(self.counts))
 
-    def summary(self, policy: str = "") -> str:
-        total = int(self.counts.sum())
-        policy = f" ({policy})" if policy else ""
+    @staticmethod
+    def line(counts: Tensor, what: str, policy: str) -> str:
+        total = int(counts.sum())
         if total == 0:
-            return f"ELMER exit layers{policy}: no tokens generated"
-        share = self.counts.double() / total
+            return f"ELMER exit layers{policy}: no {what} generated"
+        share = counts.double() / total
         mean = float((share * torch.arange(1, len(share) + 1)).sum())
         layers = ", ".join(f"L{l + 1} {100 * s:.1f}%" for l, s in enumerate(share.tolist()))
-        return f"ELMER exit layers over {total:,} tokens{policy}: mean {mean:.2f} of {len(share)}; {layers}"
+        return f"ELMER exit layers over {total:,} {what}{policy}: mean {mean:.2f} of {len(share)}; {layers}"
+
+    def summary(self, policy: str = "") -> str:
+        policy = f" ({policy})" if policy else ""
+        return "\n".join([self.line(self.counts, "tokens", policy),
+                          self.line(self.position_counts, "decoder positions", policy)])
 
 
 class ElmerGenerator:
@@ -72,8 +90,8 @@ class ElmerGenerator:
             out = self.decode_oracle_length(model, net_input, sample.get("target"), eos, pad)
         else:
             out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold)
-        tokens = cut_at_first_eos(out.tokens, eos, pad)
-        keep = tokens.ne(pad)
+        tokens = out.tokens
+        keep = output_positions(model, tokens, eos, pad)
         if self.stats is None:
             self.stats = ExitStats(model.decoder.num_layers)
         self.stats.add(out.exit_layer, keep)
@@ -85,6 +103,7 @@ class ElmerGenerator:
                 "score": scores.mean() if scores.numel() else scores.new_tensor(-math.inf),
                 "positional_scores": scores,
                 "exit_layers": out.exit_layer[i][keep[i]],
+                "position_exit_layers": out.exit_layer[i],  # every decoder position's, written or not
                 "attention": None,
                 "alignment": None,
             }])

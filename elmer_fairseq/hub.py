@@ -77,7 +77,8 @@ class ELMER(GeneratorHubInterface):
         exit_mode must be the checkpoint's (or None); exit_threshold is hard exit's delta (default:
         the checkpoint's); exit_thresholds, instead of it, a file of calibrated per-layer thresholds
         (elmer-calibrate).
-        With return_details, each result is a dict: text, tokens, exit_layers, scores.
+        With return_details, each result is a dict: text, tokens, exit_layers and scores (per output
+        token), position_exit_layers (per decoder position: with CTC, blanks and merged repeats too).
         names: what errors and warnings call each input (default "input i", 0-based).
         """
         if isinstance(sentences, str):
@@ -106,5 +107,5 @@ class ELMER(GeneratorHubInterface):
             text = self.decode(hypo["tokens"])
             out.append(text if not return_details else {
                 "text": text, "tokens": hypo["tokens"].cpu(), "exit_layers": hypo["exit_layers"].cpu(),
-                "scores": hypo["positional_scores"].cpu()})
+                "scores": hypo["positional_scores"].cpu(), "position_exit_layers": hypo["position_exit_layers"].cpu()})
         return out

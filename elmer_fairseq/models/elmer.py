@@ -20,12 +20,13 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerDecoder, TransformerModel, base_architecture
 from torch import Tensor, nn
 
-from .. import exit_policy
+from .. import ctc, exit_policy, glancing
 from ..ops import off_ramp
 
 logger = logging.getLogger(__name__)
 MASK_SYMBOL = "<mask>"
 GOLD_MIX_PROB = 0.3  # the ELMER authors' fine-tuning code (fine-tune/modeling_bart.py); not in the paper
+OUTPUT_LOSSES = ("ce", "ctc")
 
 
 class Decoded(NamedTuple):
@@ -55,6 +56,29 @@ class ElmerModel(TransformerModel):
                  f"0 turns it off; refused with hard exit, which fuses nothing",
         )
         parser.add_argument(
+            "--output-loss", choices=OUTPUT_LOSSES,
+            help="ce (default, the paper's): the output is the T positions up to the first EOS, position t "
+                 "trained on the target's t-th token; ctc: the output is the T positions with repeats "
+                 "merged and blanks ([MASK], written back) dropped, trained with CTC over every alignment, "
+                 "so that the output's length comes from the blanks (set T, --max-target-length, to about "
+                 "2-3x the target length). Every layer's off-ramp is trained either way. Recorded in the "
+                 "checkpoint",
+        )
+        parser.add_argument(
+            "--glance", metavar="RATIO|START:END",
+            help="glancing training (GLAT): a first pass without gradient decodes the [MASK]s; RATIO times "
+                 "its number of wrong positions, chosen at random, then read the reference token (with "
+                 "--output-loss ctc: the reference on its best alignment to that pass) instead of [MASK]. "
+                 "START:END anneals the ratio linearly over --max-update. Training only: validation and "
+                 "generation never see reference tokens. Default: off",
+        )
+        parser.add_argument(
+            "--glance-loss", choices=("unrevealed", "all"),
+            help="with --glance: train the positions the training pass did not read the reference at "
+                 "(unrevealed, GLAT's choice and the default with ce) or all of them (all; the only one "
+                 "with ctc, whose loss is over the whole sequence)",
+        )
+        parser.add_argument(
             "--layernorm-eps", type=float, metavar="EPS",
             help="epsilon of every LayerNorm (default: fairseq's 1e-5); elmer-convert sets the "
                  "checkpoint's own (BERT's 1e-12), which changes the outputs by ~1e-2 otherwise",
@@ -65,7 +89,11 @@ class ElmerModel(TransformerModel):
         refuse_unsupported(args)
         if MASK_SYMBOL not in task.target_dictionary:
             raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use an ELMER task")
-        args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None))
+        args.output_loss = getattr(args, "output_loss", None) or "ce"
+        args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None),
+                                              args.output_loss)
+        args.glance_loss = resolve_glance_loss(args.output_loss, getattr(args, "glance", None),
+                                               getattr(args, "glance_loss", None))
         eps = getattr(args, "layernorm_eps", None)
         if eps is not None and not eps > 0:  # also rejects NaN
             raise ValueError(f"--layernorm-eps must be > 0, got {eps}")
@@ -76,9 +104,25 @@ class ElmerModel(TransformerModel):
                     module.eps = eps
         return model
 
+    def __init__(self, args, encoder, decoder):
+        super().__init__(args, encoder, decoder)
+        self.output_loss = getattr(args, "output_loss", None) or "ce"  # checkpoints before CTC: ce
+        glance = getattr(args, "glance", None)
+        self.glance_schedule = glancing.parse(glance, getattr(args, "max_update", 0)) if glance else None
+        self.num_updates = 0
+
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         return ElmerDecoder(args, tgt_dict, embed_tokens)
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates  # the glance schedule's clock
+
+    @property
+    def blank(self) -> Optional[int]:
+        """The CTC blank's index ([MASK]), None when the output is not CTC's."""
+        return self.decoder.mask_idx if self.output_loss == "ctc" else None
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, tgt_tokens, exit_layers=None):
         """Loss terms for `elmer_loss` (fairseq's nat_loss format).
@@ -90,10 +134,31 @@ class ElmerModel(TransformerModel):
         """
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         if exit_layers is not None:
+            if self.output_loss != "ce" or self.glance_schedule is not None:
+                raise ValueError("LPLM pretraining trains each token at its sampled exit layer with cross-entropy: "
+                                 "--output-loss ctc and --glance are fine-tuning options")
             return self.lplm_terms(encoder_out, prev_output_tokens, tgt_tokens, exit_layers)
-        mask = tgt_tokens.ne(self.decoder.padding_idx)
-        layer_logits = self.decoder(prev_output_tokens, encoder_out, tgt_tokens)
+        pad = self.decoder.padding_idx
+        labels = ctc.labels(tgt_tokens, pad, self.decoder.dictionary.eos()) if self.blank is not None else None
+        revealed = None
+        ratio = self.glance_schedule.ratio(self.num_updates) if self.glance_schedule else 0.0
+        if self.training and ratio > 0:
+            prev_output_tokens, revealed = self.glance(prev_output_tokens, encoder_out, tgt_tokens, labels, ratio)
+        # gold mixing lays the reference on the positions as they are: only for the positional (ce) output
+        layer_logits = self.decoder(prev_output_tokens, encoder_out, tgt_tokens if labels is None else None)
         num_layers = len(layer_logits)
+        if labels is not None:
+            unfit = int(ctc.unalignable(*labels, prev_output_tokens.size(1)).sum())
+            return {
+                f"layer{l + 1}": {
+                    "loss": ctc.loss(logits, *labels, self.blank) / num_layers, "factor": 1.0 / num_layers,
+                    "nll_loss": l == num_layers - 1, **({"ctc_unalignable": unfit} if l == 0 else {}),
+                }
+                for l, logits in enumerate(layer_logits)
+            }
+        mask = tgt_tokens.ne(pad)
+        if revealed is not None and self.args.glance_loss == "unrevealed":
+            mask = mask & ~revealed
         return {
             f"layer{l + 1}": {
                 "out": logits, "tgt": tgt_tokens, "mask": mask, "ls": self.label_smoothing,
@@ -101,6 +166,20 @@ class ElmerModel(TransformerModel):
             }
             for l, logits in enumerate(layer_logits)
         }
+
+    @torch.no_grad()
+    def glance(self, prev_output_tokens, encoder_out, tgt_tokens, labels, ratio: float):
+        """GLAT's first pass (the model's exit mode, no reference tokens) and the decoder input
+        with ratio * (its wrong positions) reference tokens in place of [MASK]; returns that input
+        and where the reference was revealed, both [B, T]."""
+        last = self.decoder(prev_output_tokens, encoder_out)[-1]
+        if labels is None:
+            reference, valid = tgt_tokens, tgt_tokens.ne(self.decoder.padding_idx)
+        else:
+            reference = ctc.best_alignment(F.log_softmax(last.float(), dim=-1), *labels, self.blank)
+            valid = torch.ones_like(reference, dtype=torch.bool)
+        revealed = glancing.reveal(last.argmax(-1), reference, valid, ratio)
+        return torch.where(revealed, reference, prev_output_tokens), revealed
 
     def lplm_terms(self, encoder_out, prev_output_tokens, tgt_tokens, exit_layers, prefix=None):
         """The LPLM loss term over an encoder output computed once for the B sequences:
@@ -456,16 +535,32 @@ def refuse_unsupported(args):
                          f"layers' states, of --decoder-embed-dim {args.decoder_embed_dim}")
 
 
-def resolve_gold_mix(exit_mode, prob):
-    """--gold-mix-prob for a new model: the authors' value with soft exit, refused where nothing is fused."""
+def resolve_gold_mix(exit_mode, prob, output_loss="ce"):
+    """--gold-mix-prob for a new model: the authors' value with soft exit, refused where nothing is
+    fused or where the reference has no position (CTC)."""
     if prob is None:
-        return GOLD_MIX_PROB if exit_mode == "soft" else 0.0
+        return GOLD_MIX_PROB if exit_mode == "soft" and output_loss == "ce" else 0.0
     if not 0.0 <= prob <= 1.0:  # also rejects NaN
         raise ValueError(f"--gold-mix-prob must be in [0, 1], got {prob}")
     if prob > 0 and exit_mode != "soft":
         raise ValueError(f"--gold-mix-prob {prob} mixes gold tokens into soft exit's fused inputs; "
                          f"with --exit-mode {exit_mode} nothing is fused (pass 0 or leave it out)")
+    if prob > 0 and output_loss == "ctc":
+        raise ValueError(f"--gold-mix-prob {prob} puts the target's t-th token at position t; with --output-loss "
+                         f"ctc a target has no fixed position (use --glance, which aligns it first)")
     return prob
+
+
+def resolve_glance_loss(output_loss, glance, value):
+    """--glance-loss for a new model: unrevealed with ce, all with ctc; refused without --glance
+    (None then)."""
+    if value is not None and not glance:
+        raise ValueError(f"--glance-loss {value} chooses the positions glancing trains: it needs --glance")
+    if value == "unrevealed" and output_loss == "ctc":
+        raise ValueError("--glance-loss unrevealed: a CTC loss is over the whole sequence; use all (the default with ctc)")
+    if not glance:
+        return None
+    return value or ("all" if output_loss == "ctc" else "unrevealed")
 
 
 def pass_through_fuse(dim: int) -> Tensor:

@@ -285,6 +285,12 @@ class ElmerLPLMTask(EverySampleEvaluated, DenoisingTask):
     def build_model(self, cfg, from_checkpoint=False):
         # LPLM picks exit layers itself: no exit threshold, no soft-exit layer
         cfg.exit_mode, cfg.exit_threshold = exit_policy.LPLM, None
+        finetuning = {"--output-loss": getattr(cfg, "output_loss", None) not in (None, "ce"),
+                      "--glance": getattr(cfg, "glance", None) is not None}
+        for option, given in finetuning.items():
+            if given:
+                raise ValueError(f"{option}: LPLM pretraining trains each token with cross-entropy at its sampled "
+                                 f"exit layer; CTC and glancing are fine-tuning options (--task elmer_translation)")
         return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
 
 

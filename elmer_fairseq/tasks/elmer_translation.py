@@ -222,6 +222,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         if not from_checkpoint:  # a new model takes this run's exit options; a loaded one keeps its own
             cfg.exit_mode, cfg.exit_threshold = exit_policy.resolve(self.cfg.exit_mode, self.cfg.exit_threshold)
+            if getattr(cfg, "output_loss", None) == "ctc":
+                refuse_with_ctc(cfg, self.cfg)
             # about training: a loaded checkpoint decodes with whatever thresholds it is given
             warn_smoothing_floor(cfg, len(self.target_dictionary))
         return require_elmer(super().build_model(cfg, from_checkpoint), cfg)
@@ -235,6 +237,10 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         if beam not in (1, GenerationConfig.beam):
             raise ValueError(f"--beam {beam}: ELMER has no beam search (one pass, no length predictor); "
                              f"leave --beam out")
+        if self.cfg.oracle_length and models[0].blank is not None:
+            raise ValueError("--oracle-length decodes T = the reference's length + 1 positions, the authors' "
+                             "protocol for the paper's output; a CTC model writes blanks between tokens and "
+                             "needs more positions than its output: drop --oracle-length")
         policy = exit_policy.for_decoding(models[0].decoder, self.cfg.exit_mode, self.cfg.exit_threshold,
                                           self.cfg.exit_thresholds)
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
@@ -256,3 +262,15 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
                            f"(--truncate-source)")
         src_tokens = [t if len(t) <= limit else torch.cat([t[: limit - 1], t[-1:]]) for t in src_tokens]
         return super().build_dataset_for_inference(src_tokens, [len(t) for t in src_tokens])
+
+
+def refuse_with_ctc(model_cfg, task_cfg):
+    """Training options that mean nothing for a CTC output: an error, not an option that is ignored."""
+    smoothing = getattr(model_cfg, "label_smoothing", 0.0) or 0.0
+    if smoothing > 0:
+        raise ValueError(f"--label-smoothing {smoothing}: not defined for --output-loss ctc (the loss sums over "
+                         f"alignments, not per position); pass --label-smoothing 0")
+    if task_cfg.eos_after_end:
+        raise ValueError("--eos-after-end trains EOS at the positions after the target; with --output-loss ctc "
+                         "the output ends where the blanks begin and targets have no EOS: drop it")
+
