@@ -19,17 +19,24 @@ still patches, after a warning, because the wrapped functions may have changed. 
    a finished run);
 4. `fairseq.distributed.utils.distributed_init`: with `--distributed-init-method tcp://...`, a
    rendezvous with a deadline (ELMER_RENDEZVOUS_TIMEOUT) instead of a hang
-   (`distributed.rendezvous`), and the warning fairseq's own init then gives is silenced.
+   (`distributed.rendezvous`), and the warning fairseq's own init then gives is silenced;
+5. `fairseq.options.parse_args_and_arch` (every fairseq CLI parses its options with it): `--bf16`
+   no longer implies `--tpu`, so bf16 trains on the GPU (or with `--cpu`) instead of asking
+   torch_xla for a TPU; an explicit `--tpu` still means TPU, and `--bf16` (or
+   `--memory-efficient-bf16`) with `--fp16`, `--memory-efficient-fp16` or `--amp` is refused with
+   an error naming them (fairseq would build a bf16 model with an fp16 or AMP optimizer).
 
 ELMER_FAIRSEQ_NO_PATCHES=1 leaves fairseq and torch untouched (the models, tasks, criterion and
 BPE are still registered). Then, with torch >= 2.6, no fairseq checkpoint loads (fairseq-generate,
 resuming, ELMER.from_pretrained) unless safe loading is switched off with
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 or the classes are allowed by hand; ELMER_TRUSTED_GLOBALS is
 not read; damaged checkpoints fail with torch's own error; and bad distributed options fail as
-fairseq 0.12 lets them (a 30-minute rendezvous wait, or an error deep inside).
+fairseq 0.12 lets them (a 30-minute rendezvous wait, or an error deep inside); `--bf16` implies
+`--tpu` again (training fails without torch_xla).
 
 What was patched is logged at debug level (logger `elmer_fairseq.patches`; LOGLEVEL=DEBUG shows it).
 """
+import argparse
 import logging
 import os
 import warnings
@@ -117,6 +124,39 @@ def distributed_init(cfg):
     return _original["fairseq.distributed.utils.distributed_init"](cfg)
 
 
+# fairseq's precision options: the ones that switch bf16 on, and those it cannot go with
+BF16_OPTIONS = ("--bf16", "--memory-efficient-bf16")
+NOT_WITH_BF16 = ("--fp16", "--memory-efficient-fp16", "--amp")
+
+
+def given_options(input_args, options):
+    """Which of the on/off `options` the command line (`input_args`, else sys.argv) gives
+    explicitly: what fairseq's parsed options cannot tell (tpu=True from --tpu or from --bf16)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # fairseq allows no abbreviations either
+    for option in options:
+        parser.add_argument(option, action="store_true")
+    known, _ = parser.parse_known_args(input_args)
+    return [option for option in options if getattr(known, option[2:].replace("-", "_"))]
+
+
+def parse_args_and_arch(parser, input_args=None, *args, **kwargs):
+    """fairseq's option parsing, where --bf16 means bfloat16 on the device that trains: fairseq
+    0.12 also sets --tpu with it, and its trainer then asks torch_xla for a device, so bf16 could
+    not train on a GPU. An explicit --tpu is left as fairseq reads it."""
+    given = given_options(input_args, ("--tpu",) + BF16_OPTIONS + NOT_WITH_BF16)
+    bf16, clash = [o for o in given if o in BF16_OPTIONS], [o for o in given if o in NOT_WITH_BF16]
+    if bf16 and clash:
+        # fairseq would build a bf16 model and give it an fp16 loss scaler or AMP's optimizer
+        # (or, with --fp16, fail with a message about --tpu)
+        raise ValueError(f"{' and '.join(bf16)} cannot be combined with {' and '.join(clash)}: pick one "
+                         f"precision (bf16 needs no loss scaling)")
+    parsed = _original["fairseq.options.parse_args_and_arch"](parser, input_args, *args, **kwargs)
+    options = parsed[0] if isinstance(parsed, tuple) else parsed  # (args, extra) with parse_known=True
+    if getattr(options, "bf16", False) and "--tpu" not in given:
+        options.tpu = False
+    return parsed
+
+
 # ---------------------------------------------------------------- installing them
 
 
@@ -140,7 +180,7 @@ def install() -> bool:
         logger.debug(f"{OPT_OUT_ENV} is set: fairseq and torch left unpatched")
         return False
     import fairseq
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils, options
     from fairseq.distributed import utils as fairseq_distributed
 
     check_version(getattr(fairseq, "__version__", "unknown"))
@@ -157,4 +197,5 @@ def install() -> bool:
     _wrap(fairseq_distributed, "distributed_init", distributed_init)
     # fairseq's distributed_init finds the process group already built by ours
     warnings.filterwarnings("ignore", message="Distributed is already initialized, cannot initialize twice")
+    _wrap(options, "parse_args_and_arch", parse_args_and_arch)
     return True

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from fairseq import checkpoint_utils
+from fairseq import checkpoint_utils, options
 from fairseq.distributed import utils as fairseq_distributed
 
 from elmer_fairseq import patches
@@ -29,6 +29,7 @@ PATCHED = {
     "fairseq.checkpoint_utils.load_checkpoint_to_cpu": (checkpoint_utils, "load_checkpoint_to_cpu"),
     "fairseq.distributed.utils.call_main": (fairseq_distributed, "call_main"),
     "fairseq.distributed.utils.distributed_init": (fairseq_distributed, "distributed_init"),
+    "fairseq.options.parse_args_and_arch": (options, "parse_args_and_arch"),
 }
 
 
@@ -50,11 +51,12 @@ def test_opting_out_leaves_fairseq_and_torch_untouched(tmp_path):
 import argparse
 import sys
 import torch
-from fairseq import checkpoint_utils, tasks
+from fairseq import checkpoint_utils, options, tasks
 from fairseq.distributed import utils
 import elmer_fairseq
 from elmer_fairseq import patches
 assert checkpoint_utils.load_checkpoint_to_cpu.__module__ == "fairseq.checkpoint_utils"
+assert options.parse_args_and_arch.__module__ == "fairseq.options"
 assert utils.call_main.__module__ == utils.distributed_init.__module__ == "fairseq.distributed.utils"
 import datetime
 assert not {argparse.Namespace, datetime.date} & set(torch.serialization.get_safe_globals())
