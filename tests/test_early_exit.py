@@ -348,21 +348,38 @@ def reference_step(task, model, criterion, batch, k):
     return loss.detach(), gradients(model)
 
 
+def float64_softmax(monkeypatch):
+    """Attention softmaxes in float64 for float64 inputs. fairseq's (utils.softmax) and ours
+    (models.elmer.attend) compute in float32 whatever the input: in a float64 comparison that
+    rounding (~1e-7 of each attention weight) would be the only noise left, and in the nearly
+    cancelling key-projection gradients it is a large share of the result, so whether a bound
+    holds would depend on the machine's BLAS, not on the code."""
+    real = torch.nn.functional.softmax
+
+    def softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return real(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
+
+
 @pytest.mark.parametrize("k, chunk", [(1, 0), (3, 0), (3, 2), (10, 0), (10, 4), (10, 1)])
-def test_lplm_loss_and_gradients_equal_the_reference(lplm_setup, k, chunk):
-    """In float64 every parameter's gradient equals the reference's to 1e-5 relative (in fact
-    ~1e-8: fairseq's attention softmax is float32 even then), except the key projections' biases,
-    whose gradient is 0 in exact arithmetic (a bias shifts all of a query's scores alike): there
-    both sides are rounding noise, checked to be ~0. In float32 some gradients (the key
-    projections') are sums that nearly cancel, with ~1e-5 relative noise of their own; the whole
-    gradient agrees to 1e-5."""
+def test_lplm_loss_and_gradients_equal_the_reference(lplm_setup, k, chunk, monkeypatch):
+    """In float64 (attention softmax too: float64_softmax) every parameter's gradient equals the
+    reference's to 1e-6 relative (measured: <= 2e-8 with the softmax in float64, up to 1.2e-5 in
+    the self-attention projections with fairseq's float32 softmax), except the key projections' biases, whose gradient is 0 in
+    exact arithmetic (a bias shifts all of a query's scores alike): there both sides are
+    rounding noise, checked to be ~0. In float32 some gradients (the key projections') are sums
+    that nearly cancel, with ~1e-5 relative noise of their own; the whole gradient agrees to 1e-5."""
     task, model, criterion, batch = lplm_setup
     results = {}
     try:
         for dtype in (torch.float64, torch.float32):
             model.to(dtype)
-            results[dtype] = (reference_step(task, model, criterion, batch, k),
-                              lplm_step(task, model, criterion, batch, k, chunk))
+            with monkeypatch.context() as patch:
+                if dtype == torch.float64:
+                    float64_softmax(patch)
+                results[dtype] = (reference_step(task, model, criterion, batch, k),
+                                  lplm_step(task, model, criterion, batch, k, chunk))
     finally:
         task.cfg.lplm_permutations, task.cfg.lplm_chunk = 3, 0
         model.float()
@@ -376,7 +393,7 @@ def test_lplm_loss_and_gradients_equal_the_reference(lplm_setup, k, chunk):
                 if name.endswith("k_proj.bias"):
                     assert max(ref.norm(), grads[name].norm()) <= 1e-6 * ref_flat.norm(), name
                 else:
-                    assert (grads[name] - ref).norm() <= 1e-5 * ref.norm(), name
+                    assert (grads[name] - ref).norm() <= 1e-6 * ref.norm(), name
 
 
 @pytest.mark.parametrize("k", [1, 3])
