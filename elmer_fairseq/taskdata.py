@@ -1,4 +1,6 @@
-"""What the benchmark tasks' prepare scripts (examples/TASK/prepare.py) share.
+"""What the benchmark tasks' prepare scripts (examples/TASK/prepare.py) share. It lives in the
+package, not beside them, so that the scripts in their task folders (and examples/minilm.py,
+examples/prepare_pretrain.py) import it as `elmer_fairseq.taskdata` without editing sys.path.
 
 Each task reads its data file into groups of (source, target) pairs, one group per article,
 passage or chat; `prepare` does the rest the same way for every task: a split over groups (never
@@ -26,17 +28,24 @@ import sys
 import zipfile
 from pathlib import Path
 
-logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)
+# the data-preparation scripts' progress, on stderr in this format whatever importing fairseq (with
+# this package) made of the root logger
 log = logging.getLogger("prepare")
+if not log.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 SEP = "<sep>"  # one BPE piece (a special token of the tokenizer) between the parts of a source
 BPE_SIZE = 6000
-HERE = Path(__file__).resolve().parent
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a checkout (or an editable install of one)
 
 
 def task_script(task: str):
     """examples/TASK/prepare.py as a module (the task folders are not packages)."""
-    path = HERE / task / "prepare.py"
+    path = EXAMPLES / task / "prepare.py"
     spec = importlib.util.spec_from_file_location(f"{task}_prepare", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

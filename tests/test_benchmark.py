@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import ROOT, XSUM_TINY
+from elmer_fairseq import taskdata
 
 sys.path.insert(0, str(ROOT / "examples"))
 import benchmark as harness  # noqa: E402  (`benchmark` below runs it as a script)
 import metrics  # noqa: E402
-import taskdata  # noqa: E402
 
 boolq, dialogue, qg = (taskdata.task_script(t) for t in ("boolq", "dialogue", "qg"))
 

