@@ -24,7 +24,13 @@ still patches, after a warning, because the wrapped functions may have changed. 
    no longer implies `--tpu`, so bf16 trains on the GPU (or with `--cpu`) instead of asking
    torch_xla for a TPU; an explicit `--tpu` still means TPU, and `--bf16` (or
    `--memory-efficient-bf16`) with `--fp16`, `--memory-efficient-fp16` or `--amp` is refused with
-   an error naming them (fairseq would build a bf16 model with an fp16 or AMP optimizer).
+   an error naming them (fairseq would build a bf16 model with an fp16 or AMP optimizer);
+6. LevT's decoding step (`fairseq.models.nat.levenshtein_transformer`: `LevenshteinTransformerModel
+   .forward_decoder` and the `_apply_ins_masks` it calls): the placeholders it inserts are cut so
+   that no output grows past the decoder's position table (`max_target_positions`). fairseq caps
+   each slot's insertions (at 255, or max_ratio x the source length) but not their total, and a
+   longer output failed with an IndexError in the next decoder pass. fairseq-generate, the
+   benchmark and every other LevT decoding in a process with the plugin loaded get the cap.
 
 ELMER_FAIRSEQ_NO_PATCHES=1 leaves fairseq and torch untouched (the models, tasks, criterion and
 BPE are still registered). Then, with torch >= 2.6, no fairseq checkpoint loads (fairseq-generate,
@@ -32,11 +38,12 @@ resuming, ELMER.from_pretrained) unless safe loading is switched off with
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 or the classes are allowed by hand; ELMER_TRUSTED_GLOBALS is
 not read; damaged checkpoints fail with torch's own error; and bad distributed options fail as
 fairseq 0.12 lets them (a 30-minute rendezvous wait, or an error deep inside); `--bf16` implies
-`--tpu` again (training fails without torch_xla).
+`--tpu` again (training fails without torch_xla); and LevT may run past its positions again.
 
 What was patched is logged at debug level (logger `elmer_fairseq.patches`; LOGLEVEL=DEBUG shows it).
 """
 import argparse
+import contextvars
 import logging
 import os
 import warnings
@@ -72,8 +79,8 @@ def check_version(version: str) -> bool:
         return True
     warnings.warn(
         f"elmer_fairseq was written for fairseq {WRITTEN_FOR}.x, found fairseq {version}: its patches of "
-        f"fairseq's checkpoint loading and distributed start-up (elmer_fairseq/patches.py) may not fit. "
-        f"If either fails, install fairseq 0.12 (fairseq-fixed==0.12.3.1 on Python >= 3.11) or set "
+        f"fairseq's checkpoint loading, distributed start-up and --bf16 option (elmer_fairseq/patches.py) may "
+        f"not fit. If one fails, install fairseq 0.12 (fairseq-fixed==0.12.3.1 on Python >= 3.11) or set "
         f"{OPT_OUT_ENV}=1", FairseqVersionWarning, stacklevel=3)
     return False
 
@@ -157,11 +164,42 @@ def parse_args_and_arch(parser, input_args=None, *args, **kwargs):
     return parsed
 
 
+# the position table of the LevT model whose decoding step is running (None outside one)
+_levt_positions = contextvars.ContextVar("levt_positions", default=None)
+LEVT = "fairseq.models.nat.levenshtein_transformer"
+
+
+def forward_decoder(self, decoder_out, encoder_out, **kwargs):
+    """fairseq's LevT decoding step, which tells _apply_ins_masks below how many positions its
+    decoder has (a context variable: the model itself is not changed)."""
+    token = _levt_positions.set(self.decoder.max_positions())
+    try:
+        return _original[f"{LEVT}.LevenshteinTransformerModel.forward_decoder"](self, decoder_out, encoder_out, **kwargs)
+    finally:
+        _levt_positions.reset(token)
+
+
+def _apply_ins_masks(in_tokens, in_scores, mask_ins_pred, padding_idx, unk_idx, eos_idx):
+    """fairseq's placeholder insertion, with the insertions [B, slots] cut to what the position
+    table has room for: slots keep theirs from the left until the room is used up. Applied to
+    LevT's final choice (after its eos penalty and per-slot caps), so the outputs that fit are
+    unchanged."""
+    limit = _levt_positions.get()
+    if limit is not None:
+        mask_ins_pred = mask_ins_pred.masked_fill(in_tokens[:, 1:].eq(padding_idx), 0)  # no slots in the padding
+        room = limit - in_tokens.ne(padding_idx).sum(1, keepdim=True)
+        earlier = mask_ins_pred.cumsum(1) - mask_ins_pred
+        mask_ins_pred = torch.minimum(mask_ins_pred, (room - earlier).clamp(min=0))
+    return _original[f"{LEVT}._apply_ins_masks"](in_tokens, in_scores, mask_ins_pred, padding_idx, unk_idx, eos_idx)
+
+
 # ---------------------------------------------------------------- installing them
 
 
 def _wrap(module, name: str, wrapper):
-    key = f"{module.__name__}.{name}"
+    """Replaces module.name (a module's function, or a class's method) with `wrapper`."""
+    owner = f"{module.__module__}.{module.__qualname__}" if isinstance(module, type) else module.__name__
+    key = f"{owner}.{name}"
     original = getattr(module, name, None)
     if original is None:
         warnings.warn(f"elmer_fairseq: {key} not found in this fairseq; left unpatched", FairseqVersionWarning)
@@ -182,6 +220,7 @@ def install() -> bool:
     import fairseq
     from fairseq import checkpoint_utils, options
     from fairseq.distributed import utils as fairseq_distributed
+    from fairseq.models.nat import levenshtein_transformer
 
     check_version(getattr(fairseq, "__version__", "unknown"))
     if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
@@ -198,4 +237,6 @@ def install() -> bool:
     # fairseq's distributed_init finds the process group already built by ours
     warnings.filterwarnings("ignore", message="Distributed is already initialized, cannot initialize twice")
     _wrap(options, "parse_args_and_arch", parse_args_and_arch)
+    _wrap(levenshtein_transformer.LevenshteinTransformerModel, "forward_decoder", forward_decoder)
+    _wrap(levenshtein_transformer, "_apply_ins_masks", _apply_ins_masks)
     return True

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fairseq import checkpoint_utils, options
 from fairseq.distributed import utils as fairseq_distributed
+from fairseq.models.nat import levenshtein_transformer as levt
 
 from elmer_fairseq import patches
 
@@ -30,6 +31,9 @@ PATCHED = {
     "fairseq.distributed.utils.call_main": (fairseq_distributed, "call_main"),
     "fairseq.distributed.utils.distributed_init": (fairseq_distributed, "distributed_init"),
     "fairseq.options.parse_args_and_arch": (options, "parse_args_and_arch"),
+    "fairseq.models.nat.levenshtein_transformer.LevenshteinTransformerModel.forward_decoder":
+        (levt.LevenshteinTransformerModel, "forward_decoder"),
+    "fairseq.models.nat.levenshtein_transformer._apply_ins_masks": (levt, "_apply_ins_masks"),
 }
 
 
@@ -41,7 +45,7 @@ def test_installing_twice_patches_once():
     assert set(patches._original) == set(PATCHED)
     for key, (module, name) in PATCHED.items():
         assert getattr(module, name) is before[key] is getattr(patches, name)
-        assert patches._original[key].__module__ == module.__name__  # fairseq's, not a wrapper
+        assert patches._original[key].__module__.startswith("fairseq.")  # fairseq's, not a wrapper
     assert {"argparse.Namespace", "collections.OrderedDict"} <= {
         f"{c.__module__}.{c.__qualname__}" for c in torch.serialization.get_safe_globals() if isinstance(c, type)}
 
@@ -57,6 +61,9 @@ import elmer_fairseq
 from elmer_fairseq import patches
 assert checkpoint_utils.load_checkpoint_to_cpu.__module__ == "fairseq.checkpoint_utils"
 assert options.parse_args_and_arch.__module__ == "fairseq.options"
+from fairseq.models.nat import levenshtein_transformer as levt
+assert levt.LevenshteinTransformerModel.forward_decoder.__module__ == levt.__name__
+assert levt._apply_ins_masks.__module__ == "fairseq.models.nat.levenshtein_utils"
 assert utils.call_main.__module__ == utils.distributed_init.__module__ == "fairseq.distributed.utils"
 import datetime
 assert not {argparse.Namespace, datetime.date} & set(torch.serialization.get_safe_globals())
