@@ -192,6 +192,19 @@ def test_glancing_is_training_only_and_reveals_reference_tokens(xsum_tiny, monke
     assert (terms["layer1"]["mask"] == batch["target"].ne(pad) & ~shown).all()
 
 
+def test_glance_loss_all_trains_every_position(xsum_tiny):
+    masks = {}
+    for choice in ("unrevealed", "all"):
+        task, model = tiny_model(xsum_tiny, "soft", extra=("--glance", "1.0", "--glance-loss", choice))
+        batch = sample_batch(task)
+        net = batch["net_input"]
+        torch.manual_seed(0)
+        terms = model.train()(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"], batch["target"])
+        masks[choice] = terms["layer1"]["mask"]
+    assert (masks["all"] == batch["target"].ne(task.target_dictionary.pad())).all()
+    assert masks["unrevealed"].sum() < masks["all"].sum()
+
+
 def test_glancing_with_ctc_reveals_the_reference_on_its_best_alignment(xsum_tiny, monkeypatch):
     task, model = tiny_model(xsum_tiny, "hard", extra=(*CTC, "--glance", "1.0"))
     batch = sample_batch(task)

@@ -270,7 +270,7 @@ def test_bfloat16_decoding_on_cpu_mostly_agrees_with_float32(xsum_tiny, mode):
 
 def test_exit_statistics_shares():
     stats = ExitStats(3)
-    assert stats.summary() == "ELMER exit layers: no tokens generated"
+    assert stats.summary() == "ELMER exit layers: no tokens generated\nELMER exit layers: no decoder positions generated"
     exit_layer = torch.tensor([[1, 1, 2, 3], [3, 3, 3, 1]])
     keep = torch.tensor([[True, True, True, False], [True, True, False, False]])  # the rest: after EOS
     stats.add(exit_layer, keep)  # kept: layers 1, 1, 2, 3, 3
@@ -279,4 +279,6 @@ def test_exit_statistics_shares():
     stats.add(torch.tensor([[3, 3, 3]]), torch.tensor([[True, True, True]]))
     assert stats.counts.tolist() == [2, 2, 5]
     # shares of the 9 tokens: 22.2%, 22.2%, 55.6%; mean layer (2 + 4 + 15) / 9 = 2.33
-    assert stats.summary() == "ELMER exit layers over 9 tokens: mean 2.33 of 3; L1 22.2%, L2 22.2%, L3 55.6%"
+    # every decoder position, written or not: 4 + 4 + 1 + 3 = 12 (3 at L1, 2 at L2, 7 at L3)
+    assert stats.summary() == ("ELMER exit layers over 9 tokens: mean 2.33 of 3; L1 22.2%, L2 22.2%, L3 55.6%\n"
+                               "ELMER exit layers over 12 decoder positions: mean 2.33 of 3; L1 25.0%, L2 16.7%, L3 58.3%")

@@ -43,6 +43,10 @@ CHANGES_LOSS = {
     "exit_mode": ("soft", ["--exit-mode", "hard"]),
     "exit_threshold": ("hard", ["--exit-threshold", "100"]),  # every position frozen after layer 1
     "label_smoothing": ("soft", ["--label-smoothing", "0.1"]),
+    "output_loss": ("soft", ["--output-loss", "ctc"]),
+    "glance": ("soft", ["--glance", "0.9"]),
+    # against glancing with the default (unrevealed) too: test_ctc's test_glance_loss_all_trains_every_position
+    "glance_loss": ("soft", ["--glance", "0.9", "--glance-loss", "all"]),
 }
 # option -> (flags, words of the error)
 REFUSED = {
