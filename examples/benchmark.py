@@ -363,9 +363,11 @@ def delta_sweep(system: System, ckpt, args, device_flags, refs, uncased=False):
 
 
 KEYS = ["system", "rouge1", "rouge2", "rougeL", "rougeL_collapsed", "bleu1", "bleu2", "bleu4", "meteor", "distinct1",
-        "distinct2", "mean_len", "empty", "repeat", "ms_per_sample", "speedup_vs_ar", "mean_exit_layer", "error"]
+        "distinct2", "mean_len", "length_r", "empty", "repeat", "ms_per_sample", "speedup_vs_ar", "mean_exit_layer",
+        "error"]
 HEADS = ["system", "R-1", "R-2", "R-L", "R-L, repeats collapsed", "BLEU-1", "BLEU-2", "BLEU-4", "METEOR", "Dist-1",
-         "Dist-2", "mean len", "empty %", "repeat %", "ms/sample", "speed-up vs AR greedy", "mean exit layer"]
+         "Dist-2", "mean len", "length r", "empty %", "repeat %", "ms/sample", "speed-up vs AR greedy",
+         "mean exit layer"]
 
 
 def write_tables(rows, sweeps, args, header):
@@ -382,7 +384,10 @@ def write_tables(rows, sweeps, args, header):
             lines.append("| " + " | ".join(fmt(r.get(k)) for k in KEYS[:-1]) + " |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     refs = (args.data.parent / "test.raw.tgt").read_text(encoding="utf-8").splitlines()
-    samples = [f"# First {args.show} test outputs per system\n"]
+    samples = ["# Output lengths per system (words: outputs)\n"]
+    samples += [f"- **{r['system']}**: " + ", ".join(f"{n}: {c}" for n, c in r["length_hist"].items())
+                for r in rows if r.get("length_hist")]
+    samples.append(f"\n# First {args.show} test outputs per system\n")
     for i, ref in enumerate(refs[: args.show]):
         samples.append(f"## Sample {i}\n\n- **reference**: {ref}")
         samples += [f"- **{r['system']}**: {r['samples'][i]}" for r in rows if len(r.get("samples", [])) > i]

