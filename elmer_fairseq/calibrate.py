@@ -27,6 +27,7 @@ from typing import List, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import exit_policy
 
@@ -70,29 +71,36 @@ class Positions(NamedTuple):
     disagrees: List[np.ndarray]  # per layer below the last: its argmax differs from the last layer's
 
 
+def layer_logits(decoder, encoder_out, length: int) -> List[torch.Tensor]:
+    """Every layer's off-ramp logits [B, T, V] for T = `length` [MASK] positions, each position
+    through every layer: the decoder's hard-exit forward pass with delta 0, built from its parts
+    because that pass reads delta from the decoder's own field, which calibration must not change."""
+    bsz = encoder_out["encoder_out"][0].size(1)
+    x = decoder.embed(encoder_out["encoder_out"][0].new_full((bsz, length), decoder.mask_idx, dtype=torch.long))
+    logits = []
+    for l in range(decoder.num_layers):
+        x = decoder.run_layer(l, x, encoder_out)
+        logits.append(F.linear(x, decoder.off_ramp_weight(l)).transpose(0, 1))
+    return logits
+
+
 def full_depth(model, batches, length: int, signal: str) -> Positions:
     """Every position through every layer (hard exit with delta 0): each layer's uncertainty and
     whether its prediction already equals the last layer's, for the positions of the output."""
     decoder, eos = model.decoder, model.decoder.dictionary.eos()
     uncertainty, disagrees = [[] for _ in range(decoder.num_layers - 1)], [[] for _ in range(decoder.num_layers - 1)]
-    saved, decoder.exit_threshold = decoder.exit_threshold, 0.0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                net = batch["net_input"]
-                enc = model.encoder(net["src_tokens"], src_lengths=net["src_lengths"])
-                masks = net["src_tokens"].new_full((net["src_tokens"].size(0), length), decoder.mask_idx)
-                layers = decoder(masks, enc)
-                final = layers[-1].argmax(-1)
-                keep = output_positions(final, eos)
-                for l, logits in enumerate(layers[:-1]):
-                    log_p = torch.log_softmax(logits.float(), -1)
-                    entropy = -(log_p.exp() * log_p).sum(-1)
-                    u = exit_policy.uncertainty(signal, entropy, log_p.max(-1).values.exp())
-                    uncertainty[l].append(u[keep].numpy())
-                    disagrees[l].append(logits.argmax(-1).ne(final)[keep].numpy())
-    finally:
-        decoder.exit_threshold = saved
+    with torch.no_grad():
+        for batch in batches:
+            net = batch["net_input"]
+            layers = layer_logits(decoder, model.encoder(net["src_tokens"], src_lengths=net["src_lengths"]), length)
+            final = layers[-1].argmax(-1)
+            keep = output_positions(final, eos)
+            for l, logits in enumerate(layers[:-1]):
+                log_p = torch.log_softmax(logits.float(), -1)
+                entropy = -(log_p.exp() * log_p).sum(-1)
+                u = exit_policy.uncertainty(signal, entropy, log_p.max(-1).values.exp())
+                uncertainty[l].append(u[keep].numpy())
+                disagrees[l].append(logits.argmax(-1).ne(final)[keep].numpy())
     return Positions([np.concatenate(u) for u in uncertainty], [np.concatenate(d) for d in disagrees])
 
 

@@ -8,9 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+import torch
+
 from elmer_fairseq import ELMER, calibrate, exit_policy
 
-from conftest import ROOT, expect_failure, generate_args, run_cli
+from conftest import ROOT, expect_failure, generate_args, run_cli, sample_batch, tiny_model
 
 
 def test_proposed_threshold_lets_exactly_the_most_certain_positions_through():
@@ -130,3 +132,47 @@ def test_the_report_puts_calibrated_thresholds_next_to_fixed_ones_on_the_test_sp
     report = (out / "report.md").read_text()
     assert "| full depth |" in report and "| δ = 100 |" in report and "ε = 0.99 (calibrated)" in report
     assert json.loads((out / "report.json").read_text())["calibration"]["ε = 0.99 (calibrated)"]["epsilon"] == 0.99
+
+
+def decoder_fields(decoder):
+    """The decoder's own attributes (exit_threshold, exit_mode, training, ...) and its weights."""
+    return ({k: v for k, v in vars(decoder).items() if not k.startswith("_")},
+            {k: v.clone() for k, v in decoder.state_dict().items()})
+
+
+def test_the_full_depth_pass_is_the_hard_exit_pass_with_delta_0(xsum_tiny):
+    task, model = tiny_model(xsum_tiny, exit_mode="hard", exit_threshold=0.0)
+    net = sample_batch(task)["net_input"]
+    enc = model.encoder(net["src_tokens"], src_lengths=net["src_lengths"])
+    masks = net["src_tokens"].new_full((net["src_tokens"].size(0), 12), model.decoder.mask_idx)
+    with torch.no_grad():
+        expected, got = model.decoder(masks, enc), calibrate.layer_logits(model.decoder, enc, 12)
+    assert len(got) == len(expected) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_calibration_leaves_the_decoder_as_it_found_it_also_when_it_fails(xsum_tiny, monkeypatch):
+    """Nothing of the decoder changes, not even for the length of the pass (a field set and restored
+    would show inside it): calibrating a hard-exit model with delta 0.5, and a pass that raises."""
+    task, model = tiny_model(xsum_tiny, exit_mode="hard", exit_threshold=0.5)
+    before = decoder_fields(model.decoder)
+    seen, uncertainty = [], exit_policy.uncertainty
+
+    def watching(*args):
+        seen.append(model.decoder.exit_threshold)
+        return uncertainty(*args)
+
+    monkeypatch.setattr(exit_policy, "uncertainty", watching)
+    calibrate.calibrate(model, task, split="valid", epsilon=0.5, alpha=0.5)
+    after = decoder_fields(model.decoder)
+    assert seen and set(seen) == {0.5}
+    assert after[0] == before[0] and all(torch.equal(after[1][k], v) for k, v in before[1].items())
+
+    def failing(*args):
+        seen.append(model.decoder.exit_threshold)
+        raise RuntimeError("inside the pass")
+
+    monkeypatch.setattr(exit_policy, "uncertainty", failing)
+    seen.clear()
+    with pytest.raises(RuntimeError, match="inside the pass"):
+        calibrate.full_depth(model, [sample_batch(task, split="valid")], 12, "entropy")
+    assert seen == [0.5] and decoder_fields(model.decoder)[0] == before[0]
