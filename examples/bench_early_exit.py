@@ -8,9 +8,9 @@ decodes T [MASK] positions of B random sources. A forced exit schedule (ElmerDec
 and the rest at the last layer L, so the mean exit layer is p + (1 - p) L. For each p the table
 gives the decoder's time (the encoder runs once before and is not timed) per sample for
 ELMER-Soft (every layer on every position, whatever p), hard exit before issue 15 (every layer on
-every position, the off-ramp on the ones in flight; tests/test_early_exit.py keeps it), hard exit
-now (a layer's queries, attention and FFN on the positions in flight only), and the ideal line:
-the no-exit hard pass scaled by mean exit layer / L. Medians of --repeats passes after --warmup,
+every position, the off-ramp on the ones in flight; examples/early_exit_reference.py keeps it),
+hard exit now (a layer's queries, attention and FFN on the positions in flight only), and the
+ideal line: the no-exit hard pass scaled by mean exit layer / L. Medians of --repeats passes after --warmup,
 the variants interleaved pass by pass. On CPU the clock is the process's CPU time by default
 (--clock cpu): on a machine shared with other jobs, wall time measures the other jobs as much
 as this one; with one thread, CPU time is the wall time of an idle machine. A PNG plots it.
@@ -23,19 +23,20 @@ LPLM: examples/bench_lplm.py --before (k = 1, 2, 5, 10; before and after issue 1
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import elmer_fairseq  # noqa: F401  (registers the task, model and criterion)
+from fairseq import options, tasks
+
+# this script's siblings (a script's own folder is sys.path[0])
+import bench_lplm
+from early_exit_reference import reference_decode
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "tests")]
-import elmer_fairseq  # noqa: E402,F401  (registers the task, model and criterion)
-import bench_lplm  # noqa: E402
-from fairseq import options, tasks  # noqa: E402
-from test_early_exit import reference_decode  # noqa: E402
 
 
 def build(args, folder: Path, exit_mode: str):

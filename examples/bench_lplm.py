@@ -6,7 +6,8 @@ the decoder on k permutations) on random tokens, for each k, and prints a markdo
 step time over --steps steps after --warmup, its ratio to the first k, and peak memory. The goal
 (issues 4 and 15): k = 10 costs at most 4x k = 1, because the encoder and the decoder layers the
 permutations share run once. --before also times the implementation before issue 15 (every
-layer on every position of the k-fold batch; kept in tests/test_early_exit.py) on the same steps.
+layer on every position of the k-fold batch; kept in examples/early_exit_reference.py) on the
+same steps.
 
     python examples/bench_lplm.py                                  # elmer_base, V=50265, T=256, B=1
     python examples/bench_lplm.py --length 128 --device cpu        # what fits a small CPU
@@ -23,17 +24,16 @@ import argparse
 import functools
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import elmer_fairseq  # noqa: F401  (registers the task, model and criterion)
+from fairseq import options, tasks
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import elmer_fairseq  # noqa: E402,F401  (registers the task, model and criterion)
-from fairseq import options, tasks  # noqa: E402
 
 
 class Backward:
@@ -105,7 +105,7 @@ def parser():
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="CPU timing: wall time (default) or the process's CPU time")
     p.add_argument("--before", action="store_true",
-                   help="also time the implementation before issue 15 (tests/test_early_exit.py), "
+                   help="also time the implementation before issue 15 (examples/early_exit_reference.py), "
                         "alternating with the current one step by step; needs --chunk 0")
     return p
 
@@ -144,8 +144,7 @@ def main(args=None):
     memory = "peak memory (torch.cuda.max_memory_allocated)" if cuda else "peak RSS so far (getrusage)"
     implementations = {"after": model.lplm_terms}
     if args.before:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from test_early_exit import reference_lplm_terms
+        from early_exit_reference import reference_lplm_terms  # a sibling of this script
 
         implementations = {"before": functools.partial(reference_lplm_terms, model), **implementations}
         print(f"| k | before: step ms (fwd+bwd) | x first k | after: step ms | x first k | after / before | {memory} |\n"
