@@ -424,10 +424,11 @@ def xsum_with_pretraining_dict(corpus):
     return raw / "bin"
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_pretraining_dict, tmp_path, mode):
+@pytest.mark.parametrize("mode, extra", [("soft", []), ("hard", []), ("soft", ["--output-loss", "ctc", "--glance", "0.5"])],
+                         ids=["soft", "hard", "soft-ctc-glance"])
+def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_pretraining_dict, tmp_path, mode, extra):
     proc = run_cli("fairseq-train", xsum_with_pretraining_dict, "--user-dir", USER_DIR, "--task", "elmer_translation",
-                   *TINY, "--exit-mode", mode, "--finetune-from-model", pretrained["checkpoint"],
+                   *TINY, "--exit-mode", mode, *extra, "--finetune-from-model", pretrained["checkpoint"],
                    "--criterion", "elmer_loss", "--optimizer", "adam", "--lr", "1e-12", "--max-tokens", "2048",
                    "--max-update", "1", "--max-target-length", "24", "--save-dir", tmp_path, "--no-epoch-checkpoints",
                    "--disable-validation", "--cpu", "--num-workers", "0")
@@ -435,6 +436,7 @@ def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_p
     before = torch.load(pretrained["checkpoint"], map_location="cpu")["model"]
     after = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu")
     assert after["cfg"]["model"].exit_mode == mode
+    assert after["cfg"]["model"].output_loss == ("ctc" if extra else "ce")
     weights = after["model"]
     assert any(key.startswith("encoder.layers.") for key in before)
     for key, value in before.items():  # every pretrained weight, encoder and decoder, carried over
@@ -463,6 +465,13 @@ def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_p
 def test_bad_options_are_refused_at_start_up(corpus, extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         lplm_task(corpus, *extra)
+
+
+@pytest.mark.parametrize("extra", [["--output-loss", "ctc"], ["--glance", "0.3"]])
+def test_ctc_and_glancing_are_refused_in_pretraining(corpus, extra):
+    args, task = lplm_task(corpus, *extra)
+    with pytest.raises(ValueError, match=f"{extra[0]}: LPLM pretraining trains each token with cross-entropy"):
+        task.build_model(args)
 
 
 def test_bad_option_message_on_the_command_line(corpus, tmp_path):
