@@ -28,8 +28,9 @@ still patches, after a warning, because the wrapped functions may have changed. 
 6. LevT's decoding step (`fairseq.models.nat.levenshtein_transformer`: `LevenshteinTransformerModel
    .forward_decoder` and the `_apply_ins_masks` it calls): the placeholders it inserts are cut so
    that no output grows past the decoder's position table (`max_target_positions`). fairseq caps
-   each slot's insertions (at 255, or max_ratio x the source length) but not their total, and a
-   longer output failed with an IndexError in the next decoder pass. fairseq-generate, the
+   each slot's insertions (its head counts up to 255; the generator allows max(10, 2 x the source
+   length)) but not their total, and a longer output failed with an IndexError in the next
+   decoder pass. fairseq-generate, the
    benchmark and every other LevT decoding in a process with the plugin loaded get the cap.
 
 ELMER_FAIRSEQ_NO_PATCHES=1 leaves fairseq and torch untouched (the models, tasks, criterion and
@@ -183,7 +184,7 @@ def _apply_ins_masks(in_tokens, in_scores, mask_ins_pred, padding_idx, unk_idx, 
     """fairseq's placeholder insertion, with the insertions [B, slots] cut to what the position
     table has room for: slots keep theirs from the left until the room is used up. Applied to
     LevT's final choice (after its eos penalty and per-slot caps), so the outputs that fit are
-    unchanged."""
+    unchanged. Outside a LevT step (no table known), fairseq's as it is."""
     limit = _levt_positions.get()
     if limit is not None:
         mask_ins_pred = mask_ins_pred.masked_fill(in_tokens[:, 1:].eq(padding_idx), 0)  # no slots in the padding

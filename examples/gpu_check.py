@@ -10,7 +10,8 @@ A step writes its tables to WORK/tables/STEP.md, prints "RESULT: <one line>" las
 `record`, which appends the outcome to OUT/results.jsonl and rewrites OUT/summary.md. Everything
 that trains or decodes reuses examples/benchmark.py (systems, flags, training, latency) on data made
 by examples/xsum/prepare.py from tests/data/xsum-tiny.jsonl: no download anywhere.
---dry-run: the same steps on CPU at tiny sizes, fp32 (fairseq 0.12 has no fp16/bf16 on CPU).
+--dry-run: the same steps on CPU at tiny sizes, fp32 but for the bf16 fine-tunes (finetune_bf16,
+warm_start): with the plugin, bf16 trains on CPU too; fp16 does not (fairseq 0.12 asks CUDA for it).
 """
 import argparse
 import datetime
@@ -28,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))  # benchmark.py and score.py, imported inside the steps (they need fairseq)
+# benchmark.py and score.py are imported inside the steps (they need fairseq), as this script's
+# siblings: a script's own folder is sys.path[0]
 SKIP_RC = 77
 
 # name -> (time limit in seconds, steps it needs). Limits are ceilings, not estimates: the run as a
@@ -114,7 +116,10 @@ def bench_args(a, **over):
 
 
 def precision_flags(a, precision):
-    return ["--cpu"] if a.dry_run else [f"--{precision}"]
+    """bf16 trains on CPU too (the plugin's patch of --bf16, elmer_fairseq/patches.py); fp16 needs CUDA."""
+    if a.dry_run:
+        return ["--cpu", "--bf16"] if precision == "bf16" else ["--cpu"]
+    return [f"--{precision}"]
 
 
 def train_log(args, name):
@@ -278,8 +283,9 @@ def step_data(a):
 def step_latency(a):
     """Every system at batch 1, synchronized, after warm-up (benchmark.latency). Quality is not the
     point, but weights cannot be quite random: LevT's insertion head would insert up to 255 tokens
-    per slot and run past its positions, CMLM would guess lengths at random. So each system trains a
-    few dozen updates first, side by side (the cost is mostly start-up)."""
+    per slot (until its position table is full, where the plugin stops it), CMLM would guess
+    lengths at random. So each system trains a few dozen updates first, side by side (the cost is
+    mostly start-up)."""
     import benchmark
 
     s = size(a)
@@ -320,31 +326,13 @@ def step_latency(a):
     return ", ".join(f"{system} {ms:.1f} ms" for system, ms, _ in rows)
 
 
-def bf16_is_tpu():
-    """fairseq 0.12's parse_args_and_arch sets args.tpu whenever --bf16 is given, and its trainer
-    then asks torch_xla for a device instead of using the GPU. True while nothing undoes that."""
-    from fairseq import options
-
-    argv = [str(ROOT), "--user-dir", str(ROOT / "elmer_fairseq"), "--task", "elmer_translation", "--arch",
-            "elmer_tiny", "--bf16"]
-    return bool(options.parse_args_and_arch(options.get_training_parser(), argv).tpu)
-
-
 def step_finetune(a, precision):
-    """elmer_base (ELMER-Soft) for a fixed number of updates in bf16 or fp16: the loss must fall
-    and the checkpoint must decode every test article (fp16: decoded in fp16 too; fairseq-generate
-    has no bf16 decoding and would ignore --bf16)."""
-    warning = ""
-    if precision == "bf16" and bf16_is_tpu():
-        warning = "fairseq reads --bf16 as --tpu (wants torch_xla, not the GPU); "
-    try:
-        return warning + finetune(a, precision)
-    except Failed as e:
-        raise Failed(warning + str(e)) from None
-
-
-def finetune(a, precision):
+    """elmer_base (ELMER-Soft) for a fixed number of updates in bf16 or fp16: it must have trained in
+    that precision (bf16: on the GPU, not on a TPU), the loss must fall and the checkpoint must
+    decode every test article (fp16: decoded in fp16 too; fairseq-generate has no bf16 decoding and
+    would ignore --bf16)."""
     import benchmark
+    import torch
 
     s, args = size(a), bench_args(a)
     systems, name = benchmark.systems(args), f"finetune-{precision}"
@@ -355,14 +343,17 @@ def finetune(a, precision):
     ckpt, proc = benchmark.train(name, flags, args.data, args, device, updates=s["updates"])
     finish(args, name, proc)
     seconds = time.time() - start
+    common = torch.load(ckpt, map_location="cpu")["cfg"]["common"]  # the options fairseq trained with
+    if common["tpu"] or not all(common[flag[2:]] for flag in device if flag in ("--bf16", "--fp16")):
+        raise Failed(f"{name}: trained with bf16={common['bf16']}, fp16={common['fp16']}, tpu={common['tpu']}")
     trend = loss_falls(losses(train_log(args, name)), f"{name} ({train_log(args, name).name})")
-    decode = device if a.dry_run or precision == "fp16" else []
+    decode = ["--cpu"] if a.dry_run else device if precision == "fp16" else []
     hyps, gen_seconds, mean_exit, log = generate(args, a, ckpt, systems["elmer-soft"].rows["ELMER-Soft"], decode, name,
                                                  args.data.parent)
     if sorted(hyps) != list(range(s["test"])):
         raise Failed(f"{log.name}: {len(hyps)} outputs for {s['test']} test articles")
     empty = sum(not h.strip() for h in hyps.values())
-    shown = precision if not a.dry_run else f"{precision} (dry run: fp32 on CPU)"
+    shown = precision if not a.dry_run else f"{precision} (dry run: {'bf16' if '--bf16' in device else 'fp32'} on CPU)"
     write_table(a, "\n".join([
         "| precision | updates | train loss (first -> last log) | fairseq-train s | test outputs | empty | "
         "mean exit layer | decode s | first output |", "|---|---|---|---|---|---|---|---|---|",

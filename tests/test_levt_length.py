@@ -1,6 +1,6 @@
-"""fairseq's LevT never decodes past its position table (elmer_fairseq/patches.py): it caps each
-slot's placeholder insertions (at 255, or max_ratio x the source length) but not their total, so a
-LevT with fewer positions than it inserts failed with an IndexError. The plugin cuts the insertions
+"""fairseq's LevT never decodes past its position table (elmer_fairseq/patches.py): fairseq caps
+each slot's placeholder insertions (at 255, and at max(10, 2 x the source length)) but not their
+total, so a LevT with fewer positions than it inserts failed with an IndexError. The plugin cuts the insertions
 to the room the table has; outputs that fit are unchanged."""
 import pytest
 import torch
