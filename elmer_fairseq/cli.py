@@ -26,6 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--exit-threshold", type=float,
                    help="hard exit's delta (hard-exit checkpoints only; default: the checkpoint's)")
     p.add_argument("--exit-thresholds", help="hard exit: calibrated per-layer thresholds (elmer-calibrate's JSON)")
+    p.add_argument("--length-cut", type=int, metavar="MARGIN",
+                   help="after layer 1, decode only the positions its predictions say the outputs need, plus "
+                        "MARGIN (default: every layer decodes all T positions, the paper's)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
@@ -60,6 +63,7 @@ def main(argv=None):
             chunk = lines[start: start + step]
             names = [f"{where}:{start + i + 1}" for i in range(len(chunk))]  # read_lines kept every line
             for text in model.generate(chunk, exit_threshold=args.exit_threshold, exit_thresholds=args.exit_thresholds,
+                                       length_cut=args.length_cut,
                                        batch_size=step, names=names):
                 print(text, flush=False)
             progress.update(len(chunk))

@@ -1,7 +1,7 @@
 """One-pass NAR generation for `fairseq-generate --task elmer_translation --iter-decode-max-iter 0`."""
 import atexit
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -59,13 +59,18 @@ class ElmerGenerator:
     """Encoder once, decoder once; the output ends at the first predicted EOS. No gold length."""
 
     def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True,
-                 oracle_length: bool = False, policy: str = ""):
+                 oracle_length: bool = False, policy: str = "", length_cut: Optional[int] = None):
         self.tgt_dict = tgt_dict
         self.policy = policy  # named in the summary: which exit mode and delta decoded
         self.oracle_length = oracle_length
         self.eos = tgt_dict.eos()  # fairseq-generate strips it from the printed hypotheses
         self.length = max_target_length
         self.exit_threshold = exit_threshold
+        if length_cut is not None and not length_cut >= 0:
+            raise ValueError(f"--length-cut must be >= 0 (positions kept past layer 1's end), got {length_cut}")
+        if length_cut is not None and oracle_length:
+            raise ValueError("--length-cut and --oracle-length both choose the positions decoded: pass one")
+        self.length_cut = length_cut
         self.stats = None
         if summary:
             # fairseq-generate has no end-of-run hook for generators: report when the process
@@ -89,17 +94,21 @@ class ElmerGenerator:
         if self.oracle_length:
             out = self.decode_oracle_length(model, net_input, sample.get("target"), eos, pad)
         else:
-            out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold)
+            out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold,
+                                 self.length_cut)
         tokens = out.tokens
         keep = output_positions(model, tokens, eos, pad)
         if self.stats is None:
             self.stats = ExitStats(model.decoder.num_layers)
         self.stats.add(out.exit_layer, keep)
         hypos = []
+        # a CTC output ends where the blanks begin, not at a written EOS: it gets one, as fairseq's
+        # hypotheses end (fairseq-generate strips it; its BLEU scorer crashes on an empty hypothesis)
+        end = tokens.new_tensor([eos]) if model.blank is not None else tokens.new_zeros(0)
         for i in range(tokens.size(0)):
             scores = out.scores[i][keep[i]]
             hypos.append([{
-                "tokens": tokens[i][keep[i]],
+                "tokens": torch.cat([tokens[i][keep[i]], end]),
                 "score": scores.mean() if scores.numel() else scores.new_tensor(-math.inf),
                 "positional_scores": scores,
                 "exit_layers": out.exit_layer[i][keep[i]],

@@ -160,7 +160,7 @@ def test_ctc_terms_train_every_layer_and_generation_collapses(xsum_tiny, mode):
     eos, pad = task.target_dictionary.eos(), task.target_dictionary.pad()
     for i, h in enumerate(hypos):
         keep = ctc.output_positions(out.tokens[i:i + 1], model.blank, eos, pad)[0]
-        assert h[0]["tokens"].tolist() == out.tokens[i][keep].tolist()
+        assert h[0]["tokens"].tolist() == out.tokens[i][keep].tolist() + [eos]
         assert model.blank not in h[0]["tokens"].tolist()
         assert h[0]["exit_layers"].tolist() == out.exit_layer[i][keep].tolist()
         assert len(h[0]["position_exit_layers"]) == 12

@@ -215,10 +215,12 @@ class ElmerModel(TransformerModel):
 
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int,
-                 exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD) -> Decoded:
-        """One-pass decoding of T = `length` positions: encoder once, decoder once."""
+                 exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
+                 length_cut: Optional[int] = None) -> Decoded:
+        """One-pass decoding of T = `length` positions: encoder once, decoder once (its upper
+        layers on fewer positions with `length_cut`, see ElmerDecoder.decode)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
-        return self.decoder.decode(encoder_out, length, exit_threshold)
+        return self.decoder.decode(encoder_out, length, exit_threshold, length_cut=length_cut, blank=self.blank)
 
 
 class LPLMPrefix(NamedTuple):
@@ -413,25 +415,43 @@ class ElmerDecoder(TransformerDecoder):
     @torch.no_grad()
     def decode(self, encoder_out, length: int,
                exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
-               forced_exits: Optional[Tensor] = None) -> Decoded:
+               forced_exits: Optional[Tensor] = None, length_cut: Optional[int] = None,
+               blank: Optional[int] = None) -> Decoded:
         """One pass over T = `length` [MASK] positions with the model's exit mode.
 
         Hard exit runs each layer's queries, attention and FFN on the positions still in flight
         only; the exited ones keep the state they exited with and serve as keys and values, so
         a layer costs about its in-flight share of a full one. `forced_exits` ([B, T] exit
         layers in 1..L) replaces the entropy rule, for tests and benchmarks that need exit
-        schedules an untrained model's entropies do not give."""
+        schedules an untrained model's entropies do not give.
+
+        `length_cut` (a margin >= 0; None: off, the paper's T for every layer): after layer 1,
+        the upper layers run on the positions up to the last one that layer 1 says the batch's
+        outputs need (`needed_length`) plus the margin; the positions past it keep layer 1's
+        prediction, as if they exited there, and are no longer read. `blank`: a CTC model's blank."""
+        if length_cut is not None and not length_cut >= 0:
+            raise ValueError(f"--length-cut must be >= 0 (positions kept past layer 1's end), got {length_cut}")
         enc = encoder_out["encoder_out"][0]
-        bsz, L = enc.size(1), self.num_layers
+        bsz, L, full = enc.size(1), self.num_layers, length
         masks = enc.new_full((bsz, length), self.mask_idx, dtype=torch.long)
         x = self.embed(masks)  # [T, B, C]
         M = length * bsz
+        cut = length_cut is not None and L > 1
         if self.exit_mode == "soft":
+            first = None  # layer 1's predictions at every position
             for l in range(L):
                 h = self.run_layer(l, x, encoder_out)
                 ramp = off_ramp(h.reshape(M, -1), self.off_ramp_weight(l), 0.0)
-                x = self.fuse(ramp.token.view(length, bsz), h) if l < L - 1 else h
-            return self.batch_major(length, ramp.token, ramp.prob.log(), masks.new_full((M,), L))
+                tokens = ramp.token.view(length, bsz)
+                if l == 0 and cut:
+                    first, length = ramp, self.needed_length(tokens, length_cut, blank)
+                    M, h, tokens = length * bsz, h[:length], tokens[:length]
+                x = self.fuse(tokens, h) if l < L - 1 else h
+            tokens, scores, exit_layer = ramp.token, ramp.prob, masks.new_full((M,), L)
+            if M < full * bsz:  # the cut positions (the last rows of the flat order): layer 1's
+                tokens, scores = torch.cat([tokens, first.token[M:]]), torch.cat([scores, first.prob[M:]])
+                exit_layer = torch.cat([exit_layer, masks.new_ones(full * bsz - M)])
+            return self.batch_major(full, tokens, scores.log(), exit_layer)
         if not isinstance(exit_threshold, exit_policy.LayerThresholds) and not exit_threshold >= 0:  # also NaN
             raise ValueError(f"--exit-threshold must be >= 0 (an entropy in nats), got {exit_threshold}")
         if forced_exits is not None:
@@ -457,13 +477,31 @@ class ElmerDecoder(TransformerDecoder):
             exits = ramp.exit if fused else exit_policy.exits(exit_policy.uncertainty(signal, None, ramp.prob), threshold)
             if forced_exits is not None and l < L - 1:
                 exits = forced_exits[active] == l + 1
+            if l == 0 and cut:  # every row is in flight at layer 1: ramp.token is in the flat order
+                length = self.needed_length(ramp.token.view(length, bsz), length_cut, blank)
+                M = length * bsz
+                exits = exits | (active >= M)
+                state = state[:M]
             done = active[exits]
             tokens[done], scores[done] = ramp.token[exits], ramp.prob[exits]
             exit_layer[done] = l + 1
             active = active[~exits]
             if len(active) == 0:  # every position has exited: the upper layers would only copy
                 break
-        return self.batch_major(length, tokens, scores.log(), exit_layer)
+        return self.batch_major(full, tokens, scores.log(), exit_layer)
+
+    def needed_length(self, tokens: Tensor, margin: int, blank: Optional[int]) -> int:
+        """How many positions the batch's outputs need by the predictions `tokens` [T, B], plus
+        `margin` (at most T): through each row's first EOS, or with CTC (a `blank`) through its
+        last written (non-blank) position."""
+        T = tokens.size(0)
+        if blank is None:
+            ends = tokens.eq(self.dictionary.eos())
+            need = torch.where(ends.any(0), ends.float().argmax(0) + 1, T)
+        else:
+            written = tokens.ne(blank)
+            need = torch.where(written.any(0), T - written.flip(0).float().argmax(0), 0)
+        return max(1, min(T, int(need.max()) + margin))
 
     @staticmethod
     def batch_major(length: int, tokens: Tensor, scores: Tensor, exit_layer: Tensor) -> Decoded:

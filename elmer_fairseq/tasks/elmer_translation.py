@@ -60,6 +60,14 @@ class ElmerTranslationConfig(TranslationConfig):
                           "ELMER authors' test script does. It reads the reference, which a real system "
                           "cannot: use it to compare with the paper's numbers, never as a result"},
     )
+    length_cut: Optional[int] = field(
+        default=None,
+        metadata={"help": "generation: after decoder layer 1, the upper layers run only on the positions that "
+                          "layer 1's predictions say the batch's outputs need (through the first EOS; with "
+                          "--output-loss ctc, through the last non-blank) plus this margin; the positions past "
+                          "it keep layer 1's prediction. Default: off, every layer decodes all "
+                          "--max-target-length positions (the paper's)"},
+    )
     seed: int = II("common.seed")
 
 
@@ -245,7 +253,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
                                           self.cfg.exit_thresholds)
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
         return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, policy.threshold,
-                              oracle_length=self.cfg.oracle_length, policy=policy.describe())
+                              oracle_length=self.cfg.oracle_length, policy=policy.describe(),
+                              length_cut=self.cfg.length_cut)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
