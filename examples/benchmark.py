@@ -61,6 +61,7 @@ import elmer_fairseq.checkpoint  # noqa: F401,E402  (fairseq checkpoints load wi
 from elmer_fairseq.convert import as_flags  # noqa: E402
 # examples/ is a folder of scripts, not a package: a script's own folder is sys.path[0], so its
 # siblings import by name (gpu_check.py, run as a script too, and the tests import this file so)
+from distill import distill, fairseq, fairseq_cli  # noqa: E402,F401  (gpu_check.py runs fairseq through here)
 from metrics import all_metrics  # noqa: E402
 from score import parse_log  # noqa: E402
 
@@ -201,18 +202,6 @@ def uncased(folder: Path) -> bool:
     return normalizer is not None and normalizer.normalize_str("A") == "a"
 
 
-def fairseq_cli(tool):
-    """The command of a fairseq console script, run by this interpreter (works without the scripts on PATH)."""
-    return [sys.executable, "-m", f"fairseq_cli.{tool}"]
-
-
-def fairseq(tool, *argv, log: Path):
-    with log.open("w") as f:
-        proc = subprocess.run([*fairseq_cli(tool), *map(str, argv)], stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tool} failed ({proc.returncode}); see {log}")
-
-
 def trained_updates(ckpt: Path) -> int:
     if not ckpt.exists():
         return 0
@@ -249,33 +238,9 @@ def train(name, flags, data, args, device_flags, updates=None):
 
 
 
-def distill(teacher: System, ckpt, args, device_flags) -> Path:
-    """The training split with targets re-written by `teacher`, binarized with the same dicts."""
-    kd = args.out / "kd-data"  # one teacher per table
-    if (kd / "bin" / "train.src-tgt.tgt.idx").exists():
-        return kd / "bin"
-    kd.mkdir(parents=True, exist_ok=True)
-    log = args.out / "logs" / "distill.txt"
-    fairseq("generate", args.data, "--path", ckpt, *teacher.relabel, "--gen-subset", "train", "--batch-size", "128",
-            "--required-batch-size-multiple", "1", "--user-dir", PLUGIN, *device_flags, log=log)
-    hyps = {int(line[2:].split("\t")[0]): line.rstrip("\n").split("\t")[2:] for line in log.open() if line.startswith("H-")}
-    sources = (args.data.parent / "train.src").read_text(encoding="utf-8").splitlines()
-    targets = (args.data.parent / "train.tgt").read_text(encoding="utf-8").splitlines()
-    if sorted(hyps) != list(range(len(targets))):
-        raise RuntimeError(f"{log}: {len(hyps)} hypotheses for {len(targets)} training pairs")
-    # an empty hypothesis would leave a NAT system nothing to learn from: keep the reference there
-    new = [(hyps[i][0] if hyps[i] and hyps[i][0] else targets[i]) for i in range(len(targets))]
-    print(f"distilled {len(new)} training targets ({sum(a == b for a, b in zip(new, targets))} equal to the "
-          f"reference, {sum(not (hyps[i] and hyps[i][0]) for i in hyps)} empty kept as the reference)", flush=True)
-    (kd / "train.src").write_text("\n".join(sources) + "\n", encoding="utf-8")
-    (kd / "train.tgt").write_text("\n".join(new) + "\n", encoding="utf-8")
-    fairseq("preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", kd / "train",
-            "--srcdict", args.data / "dict.src.txt", "--tgtdict", args.data / "dict.tgt.txt",
-            "--destdir", kd / "bin", "--workers", "2", log=args.out / "logs" / "distill-preprocess.txt")
-    for f in args.data.glob("*"):  # valid and test stay the real references
-        if not f.name.startswith("train.") and not (kd / "bin" / f.name).exists():
-            (kd / "bin" / f.name).symlink_to(f.resolve())
-    return kd / "bin"
+def kd_data(teacher: System, ckpt, args, device_flags) -> Path:
+    """The training split re-labelled by `teacher` (examples/distill.py), made once in OUT/kd-data."""
+    return distill(args.data, ckpt, args.out / "kd-data", teacher.relabel, device_flags)
 
 
 def pretrain(args, device_flags) -> Path:
@@ -485,7 +450,11 @@ def check(chosen, args):
         sys.exit(f"--data {args.data}: {e}")
     names = {s.name for s in chosen}
     for s in chosen:
-        if s.teacher and s.teacher not in names:
+        if s.teacher and args.kd_data:
+            if not (args.kd_data / "bin" / "train.src-tgt.tgt.idx").exists():
+                sys.exit(f"--kd-data {args.kd_data}: no distilled training set there (examples/distill.py --out "
+                         f"{args.kd_data} makes one)")
+        elif s.teacher and s.teacher not in names:
             sys.exit(f"--systems: {s.name} learns from the outputs of {s.teacher}; add '{s.teacher}'")
         if s.pretrain and args.elmer_options:
             sys.exit(f"--elmer-options: not with {s.name} (its LPLM pretraining would not match); run it separately")
@@ -517,13 +486,15 @@ def train_all(chosen, args, device_flags):
     for system in chosen:
         data, step = args.data, "train"
         try:
-            if system.teacher:
+            if system.teacher and args.kd_data:
+                data = args.kd_data / "bin"
+            elif system.teacher:
                 step = "distill"
                 if system.teacher in running:
                     wait(system.teacher)
                 if system.teacher in errors or system.teacher not in ckpts:
                     raise RuntimeError(f"the teacher {system.teacher} did not train")
-                data = distill(table[system.teacher], ckpts[system.teacher], args, device_flags)
+                data = kd_data(table[system.teacher], ckpts[system.teacher], args, device_flags)
             # a finished fine-tuning run needs no pretrained weights, even where they were deleted
             if system.pretrain and trained_updates(last_checkpoint(args, system.name)) < args.updates:
                 step = "pretrain"
@@ -635,6 +606,9 @@ def parse_args(argv=None):
                    help="more fairseq-train options for the ELMER systems, overriding the common ones: a variant in the "
                         "same harness, e.g. --elmer-options='--decoder-layers 6' or --elmer-options='--dropout 0.3' "
                         "(give the variant its own --out; not with elmer-soft-lplm, whose pretraining is another task)")
+    p.add_argument("--kd-data", type=Path, metavar="DIR",
+                   help="the -kd systems train on this distilled set (examples/distill.py --out DIR) instead of one "
+                        "made from the table's own transformer in OUT/kd-data")
     p.add_argument("--pretrain-updates", type=int, default=1000,
                    help="elmer-soft-lplm: LPLM pretraining updates before its --updates of fine-tuning (default: 1000)")
     p.add_argument("--lplm-permutations", type=int, default=2,

@@ -179,6 +179,19 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, word
     # the distilled training targets are the AR model's greedy outputs, one per training pair
     distilled = (out / "kd-data" / "train.tgt").read_text().splitlines()
     assert len(distilled) == len((bench_data / "train.tgt").read_text().splitlines())
+    # the same step as a command of its own (examples/distill.py): the same targets, and what made them
+    teacher = out / "checkpoints" / "transformer" / "checkpoint_last.pt"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "distill.py"), "--data", str(bench_data / "bin"),
+                          "--teacher", str(teacher), "--out", str(tmp_path / "kd"), "--device", "cpu",
+                          "--max-target-length", "16"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "kd" / "train.tgt").read_text().splitlines() == distilled
+    made_by = json.loads((tmp_path / "kd" / "teacher.json").read_text())
+    assert made_by["teacher"] == str(teacher) and made_by["pairs"] == len(distilled)
+    assert (tmp_path / "kd" / "bin" / "test.src-tgt.tgt.bin").resolve() == (bench_data / "bin" / "test.src-tgt.tgt.bin").resolve()
+    missing = benchmark(bench_data, out, "elmer-soft-kd", wordnet=wordnet, extra=["--kd-data", str(tmp_path / "none")])
+    assert missing.returncode != 0 and "no distilled training set there" in missing.stderr
     assert "## Sample 1" in (out / "samples.md").read_text()
     assert "ELMER-Soft" in (out / "results.md").read_text()
     assert (out / "loss_curves.png").stat().st_size > 0
