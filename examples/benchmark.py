@@ -98,8 +98,10 @@ def distilled(student: System, teacher: System) -> System:
 
 
 def systems(args) -> dict:
-    """{name: System} in training order (a teacher before its students); every output is at most
-    --max-target-length pieces."""
+    """{name: System} in training order (a teacher before its students); ELMER's and the AR
+    Transformer's outputs are at most --max-target-length pieces (fairseq's iterative refinement
+    ignores --max-len-b: CMLM's length comes from its length predictor, LevT's from its insertions,
+    capped by its position table)."""
     length = str(args.max_target_length)
     elmer = ["--user-dir", str(PLUGIN), "--task", "elmer_translation", "--max-target-length", length]
     # the authors' fine-tuning recipe: plain cross-entropy (smoothing would also keep hard exit's
