@@ -75,6 +75,9 @@ ARCH_OPTIONS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decode
                 "early_exit")
 
 
+LENGTH_CUT = 2  # the margin of ELMER's --length-cut rows
+
+
 @dataclass
 class System:
     """One trained model of the table and the rows decoded from its checkpoint."""
@@ -123,13 +126,16 @@ def systems(args) -> dict:
         ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
         {"Transformer (AR, greedy)": ar_gen + ["--beam", "1"], "Transformer (AR, beam 4)": ar_gen + ["--beam", "4"]},
         relabel=ar_gen + ["--beam", "1"], speed_reference="Transformer (AR, greedy)")
-    elmer_soft = System(
-        "elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"),
-        {"ELMER-Soft": elmer_gen,
-         # reads the reference's length: comparable with the paper's rows, not a result
-         "ELMER-Soft, oracle T (authors' test protocol)": elmer_gen + ["--oracle-length"]})
+    ctc = "ctc" in shlex.split(args.elmer_options)  # --output-loss ctc: no EOS position to set T by
+    cut = ["--length-cut", str(LENGTH_CUT)]
+    soft_rows = {"ELMER-Soft": elmer_gen, f"ELMER-Soft, --length-cut {LENGTH_CUT}": elmer_gen + cut}
+    if not ctc:  # reads the reference's length: comparable with the paper's rows, not a result
+        soft_rows["ELMER-Soft, oracle T (authors' test protocol)"] = elmer_gen + ["--oracle-length"]
+    elmer_soft = System("elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"), soft_rows)
+    hard = elmer_gen + ["--exit-threshold", "0.5"]
     elmer_hard = System("elmer-hard", "elmer_tiny", "model.pt", elmer_train("hard"),
-                        {"ELMER-Hard (delta=0.5)": elmer_gen + ["--exit-threshold", "0.5"]}, sweep=elmer_gen)
+                        {"ELMER-Hard (delta=0.5)": hard, f"ELMER-Hard (delta=0.5), --length-cut {LENGTH_CUT}": hard + cut},
+                        sweep=elmer_gen)
     cmlm = System("cmlm", "cmlm_transformer", "cmlm_transformer.pt",
                   nat_train + ["--noise", "random_mask", "--length-loss-factor", "0.1"],
                   {"CMLM (0 it.)": nat_gen + ["--iter-decode-max-iter", "0"],

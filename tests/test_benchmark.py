@@ -172,7 +172,8 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, word
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["system"] for r in rows] == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
-                                           "ELMER-Soft, oracle T (authors' test protocol)", "ELMER-Soft + KD"]
+                                           "ELMER-Soft, --length-cut 2", "ELMER-Soft, oracle T (authors' test protocol)",
+                                           "ELMER-Soft + KD", "ELMER-Soft, --length-cut 2 + KD"]
     for r in rows:
         assert not r["error"] and float(r["ms_per_sample"]) > 0 and 0 <= float(r["meteor"]) <= 100
     assert float(rows[0]["speedup_vs_ar"]) == 1
@@ -216,6 +217,14 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, word
 def test_benchmark_refuses_distillation_without_the_teacher(bench_data, tmp_path):
     proc = benchmark(bench_data, tmp_path, "elmer-soft-kd", wordnet=tmp_path / "nltk_data")
     assert proc.returncode != 0 and "add 'transformer'" in proc.stderr
+
+
+def test_a_ctc_variant_has_no_oracle_length_row_and_every_elmer_system_a_length_cut_row():
+    paper = harness.systems(harness.parse_args([]))
+    ctc = harness.systems(harness.parse_args(["--elmer-options=--output-loss ctc --glance 0.5"]))
+    assert "ELMER-Soft, oracle T (authors' test protocol)" in paper["elmer-soft"].rows
+    assert list(ctc["elmer-soft"].rows) == ["ELMER-Soft", "ELMER-Soft, --length-cut 2"]
+    assert ctc["elmer-hard"].rows["ELMER-Hard (delta=0.5), --length-cut 2"][-2:] == ["--length-cut", "2"]
 
 
 def test_elmer_options_train_an_elmer_variant_in_the_same_harness(bench_data, tmp_path, wordnet):

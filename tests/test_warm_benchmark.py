@@ -48,7 +48,8 @@ def test_every_system_fine_tunes_from_the_converted_weights(converted, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["system"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert list(rows) == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
-                          "ELMER-Soft, oracle T (authors' test protocol)", "ELMER-Hard (delta=0.5)", "CMLM (0 it.)",
+                          "ELMER-Soft, --length-cut 2", "ELMER-Soft, oracle T (authors' test protocol)",
+                          "ELMER-Hard (delta=0.5)", "ELMER-Hard (delta=0.5), --length-cut 2", "CMLM (0 it.)",
                           "CMLM (10 it.)", "LevT"]
     assert not [r["error"] for r in rows.values() if r["error"]]
     # the converted weights are soft exit's (with the fuse W); hard exit fine-tunes from them without it
