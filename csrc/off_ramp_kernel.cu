@@ -160,9 +160,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 
 template <typename W>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
-    finalize_kernel(OffRampPartial p, int64_t n, int splits, float threshold, int64_t* token,
-                    float* prob, float* entropy, bool* exit_mask, const W* __restrict__ rows,
-                    const int64_t* __restrict__ index, W* out_state, int64_t row_words) {
+    finalize_kernel(OffRampPartial p, int64_t n, int splits, float threshold, bool max_prob,
+                    int64_t* token, float* prob, float* entropy, bool* exit_mask,
+                    const W* __restrict__ rows, const int64_t* __restrict__ index, W* out_state,
+                    int64_t row_words) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (row >= n) return;
@@ -175,10 +176,12 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   if (lane == 0) {
     float h = logf(a.s) - a.t / a.s;
     h = h < 0.f ? 0.f : h;  // written so that NaN stays NaN, as in clamp_min
+    const float pr = 1.f / a.s;
     token[row] = a.idx;
-    prob[row] = 1.f / a.s;
+    prob[row] = pr;
     entropy[row] = h;
-    exit_mask[row] = h < threshold;
+    // as the reference, in float32: entropy < threshold, or 1 - prob < threshold
+    exit_mask[row] = max_prob ? __fsub_rn(1.f, pr) < threshold : h < threshold;
   }
   if (out_state != nullptr) {
     const W* src = rows + row * row_words;
@@ -207,13 +210,14 @@ cudaError_t launch_reduce(const void* logits, int64_t n, int64_t c, int64_t ld, 
 
 template <typename W>
 cudaError_t launch_finalize(OffRampPartial p, int64_t n, int splits, float threshold,
-                            int64_t* token, float* prob, float* entropy, bool* exit_mask,
-                            const void* rows, const int64_t* index, void* out_state,
-                            int64_t row_bytes, cudaStream_t stream) {
+                            bool max_prob, int64_t* token, float* prob, float* entropy,
+                            bool* exit_mask, const void* rows, const int64_t* index,
+                            void* out_state, int64_t row_bytes, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock));
   finalize_kernel<W><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(
-      p, n, splits, threshold, token, prob, entropy, exit_mask, static_cast<const W*>(rows),
-      index, static_cast<W*>(out_state), row_bytes / static_cast<int64_t>(sizeof(W)));
+      p, n, splits, threshold, max_prob, token, prob, entropy, exit_mask,
+      static_cast<const W*>(rows), index, static_cast<W*>(out_state),
+      row_bytes / static_cast<int64_t>(sizeof(W)));
   return cudaGetLastError();
 }
 
@@ -240,28 +244,27 @@ cudaError_t off_ramp_reduce_chunk(const void* logits, OffRampDtype dtype, int64_
 }
 
 cudaError_t off_ramp_finalize(OffRampPartial partial, int64_t n, int splits, float threshold,
-                              int64_t* token, float* prob, float* entropy, bool* exit_mask,
-                              const void* rows, const int64_t* index, void* out_state,
-                              int64_t row_bytes, cudaStream_t stream) {
+                              OffRampSignal signal, int64_t* token, float* prob, float* entropy,
+                              bool* exit_mask, const void* rows, const int64_t* index,
+                              void* out_state, int64_t row_bytes, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
+  if (signal != kOffRampEntropy && signal != kOffRampMaxProb) return cudaErrorInvalidValue;
+  const bool max_prob = signal == kOffRampMaxProb;
   const bool copy = out_state != nullptr && row_bytes > 0;
   if (!copy) {
     out_state = nullptr;
     row_bytes = 0;
   }
   // widest word that divides the rows and both base addresses
+  auto launch = [&](auto word) {
+    using W = decltype(word);
+    return launch_finalize<W>(partial, n, splits, threshold, max_prob, token, prob, entropy,
+                              exit_mask, rows, index, out_state, row_bytes, stream);
+  };
   if (!copy || (aligned(rows, row_bytes, 16) && aligned(out_state, row_bytes, 16))) {
-    return launch_finalize<uint4>(partial, n, splits, threshold, token, prob, entropy, exit_mask,
-                                  rows, index, out_state, row_bytes, stream);
+    return launch(uint4{});
   }
-  if (aligned(rows, row_bytes, 4) && aligned(out_state, row_bytes, 4)) {
-    return launch_finalize<uint32_t>(partial, n, splits, threshold, token, prob, entropy,
-                                     exit_mask, rows, index, out_state, row_bytes, stream);
-  }
-  if (aligned(rows, row_bytes, 2) && aligned(out_state, row_bytes, 2)) {
-    return launch_finalize<uint16_t>(partial, n, splits, threshold, token, prob, entropy,
-                                     exit_mask, rows, index, out_state, row_bytes, stream);
-  }
-  return launch_finalize<unsigned char>(partial, n, splits, threshold, token, prob, entropy,
-                                        exit_mask, rows, index, out_state, row_bytes, stream);
+  if (aligned(rows, row_bytes, 4) && aligned(out_state, row_bytes, 4)) return launch(uint32_t{});
+  if (aligned(rows, row_bytes, 2) && aligned(out_state, row_bytes, 2)) return launch(uint16_t{});
+  return launch(static_cast<unsigned char>(0));
 }

@@ -6,8 +6,11 @@ peak memory above the inputs (torch.cuda.max_memory_allocated).
 "matmul" is literally `rows @ weight.T`; with V = 50265 (odd) its output rows are not 16-byte
 aligned and cuBLAS takes a slow path, so "matmul V%8" (the weight padded to a multiple of 8 rows)
 is the honest floor.
-CPU: eager reference, the extension (C++ path) and the matmuls; time by wall clock, peak memory as
-the growth of the process's RSS during one call, sampled every ~0.2 ms by a helper process (rough).
+CPU: eager reference, the extension (C++ path) and the matmuls; the methods' calls interleaved
+(one call of each per round, so that a busy machine's load falls on all of them alike), the median
+by wall clock or, with --clock cpu, by the process's CPU time (less sensitive to other jobs on a
+shared machine; one thread only); peak memory as the growth of the process's RSS during one call,
+sampled every ~0.2 ms by a helper process (rough).
 
 Each call is the decoding hot path: N active rows (`index`, a random subset of M = 5N/4 rows), a
 state to update, d = 768, V = 50265 (BART's vocabulary).
@@ -15,6 +18,9 @@ state to update, d = 768, V = 50265 (BART's vocabulary).
     python examples/bench_off_ramp.py --device cuda --out results/bench_off_ramp_gpu.md
     python examples/bench_off_ramp.py --device cpu --sizes 32,128,512
     python examples/bench_off_ramp.py --chunks 4096,8192  # + the extension at these chunk sizes
+    # the warm BoolQ model's off-ramp on one CPU thread (docs/kernel.md):
+    python examples/bench_off_ramp.py --device cpu --threads 1 --d 384 --vocab 21600 --sizes 32,512 \
+        --dtypes fp32 --reps 21 --clock cpu
 """
 import argparse
 import os
@@ -47,15 +53,19 @@ def methods(args, hidden, weight, index, state, compiled):
     thr = args.threshold
     rows = hidden.index_select(0, index)
     v = weight.shape[0]
-    padded = torch.zeros((v + 7) // 8 * 8, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    padded[:v] = weight
+    padded = None
+    if hidden.is_cuda:  # (V % 8 matters to cuBLAS only)
+        padded = torch.zeros((v + 7) // 8 * 8, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        padded[:v] = weight
     ext = _ext.load_extension("cuda" if hidden.is_cuda else "cpu")
     found = {
         "eager": lambda: off_ramp_reference(hidden, weight, thr, index, state),
         "compile": (lambda: compiled(hidden, weight, thr, index, state)) if compiled else None,
         "ext": lambda: _ext.off_ramp(hidden, weight, thr, index, state),
+        # the max-prob exit rule, fused in the same op (threshold 1 - p < 0.5 here)
+        "ext max_prob": lambda: _ext.off_ramp(hidden, weight, 0.5, index, state, signal="max_prob"),
         "matmul": lambda: rows @ weight.t(),
-        "matmul V%8": lambda: rows @ padded.t(),
+        "matmul V%8": (lambda: rows @ padded.t()) if padded is not None else None,
     }
     # the matmuls of the extension's chunks alone: ext - this = the fused reduction's cost
     c_auto = ext.chunk_columns(0, rows.shape[0], v, rows.element_size(), rows.is_cuda)
@@ -100,15 +110,19 @@ def peak_cuda(fn):
     return peak / MIB
 
 
-def time_cpu(fn, warmup, reps):
+def time_cpu(fns, warmup, reps, clock):
+    """Median ms per method, the methods' calls interleaved round by round."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = now()
+            fn()
+            times[name].append((now() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def rss_mib():
@@ -183,8 +197,15 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="timed calls (default: GPU 20, CPU 3)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default on GPU only)")
     parser.add_argument("--chunks", default="", help="extra columns: the extension at these chunk sizes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="CPU timing: wall clock, or the process's CPU time (one thread only)")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (args.device == "cuda" or torch.get_num_threads() != 1):
+        parser.error("--clock cpu times CPU work of one thread: use it with --device cpu --threads 1")
     gpu = args.device == "cuda"
     args.sizes = [int(s) for s in (args.sizes or ("128,4096,32768" if gpu else "32,128,512")).split(",")]
     args.dtypes = args.dtypes.split(",")
@@ -200,22 +221,25 @@ def main():
     head = [f"# Off-ramp benchmark: {hardware(args.device)}", "",
             f"d = {args.d}, V = {args.vocab}, N active rows of M = 5N/4 (index + state), threshold {args.threshold}. "
             f"Time: median of {args.reps} calls after {args.warmup} warm-up "
-            + ("(CUDA events)" if gpu else "(wall clock)") + "; memory: peak above the inputs"
+            + ("(CUDA events)" if gpu else f"({'process CPU time' if args.clock == 'cpu' else 'wall clock'}, calls interleaved)")
+            + "; memory: peak above the inputs"
             + (" (torch.cuda.max_memory_allocated)." if gpu else " (RSS growth sampled every ~0.2 ms during one call: rough).")
-            + ' "auto C": the chunk the extension picks; "chunk mm": its chunks\' matmuls alone'
-            + " (ext - chunk mm = the fused reduction)."
+            + ' "auto C": the chunk the extension picks; "chunk mm": its chunks\' matmuls alone, one after the other'
+            + " (ext - chunk mm = the fused reduction). \"ext max_prob\": the extension with the max-prob"
+            + " exit rule." + ("" if gpu else " Load average before: %.2f %.2f %.2f." % os.getloadavg())
             , ""]
     print("\n".join(head), flush=True)
     rows_md, names = [], None
+    floor = "matmul V%8" if gpu else "matmul"  # V%8 matters to cuBLAS only
     for dname in args.dtypes:
         for n in args.sizes:
             tensors = inputs(n, args.d, args.vocab, DTYPES[dname], args.device)
             fns = methods(args, *tensors, compiled)
             names = names or list(fns)
             ms, mem = {}, {}
-            for name, fn in fns.items():
-                try:
-                    if gpu:
+            if gpu:
+                for name, fn in fns.items():
+                    try:
                         t0 = time.perf_counter()
                         fn()
                         torch.cuda.synchronize()
@@ -224,27 +248,27 @@ def main():
                             print(f"  ({dname} N={n} {name}: first call {first:.0f} s)", flush=True)
                         ms[name] = time_cuda(fn, args.warmup, args.reps)
                         mem[name] = f"{peak_cuda(fn):.0f}"
-                    else:
-                        ms[name] = time_cpu(fn, args.warmup, args.reps)
-                        mem[name] = f"{sampler.peak_mib(fn):.0f}"
-                except torch.cuda.OutOfMemoryError:
-                    ms[name], mem[name] = float("nan"), "OOM"
-                if gpu:
+                    except torch.cuda.OutOfMemoryError:
+                        ms[name], mem[name] = float("nan"), "OOM"
                     torch.cuda.empty_cache()
+            else:
+                ms = time_cpu(fns, args.warmup, args.reps, args.clock)
+                mem = {name: f"{sampler.peak_mib(fn):.0f}" for name, fn in fns.items()}
             ext, ref = fns["ext"](), fns["eager"]()
             agree = 100.0 * (ext.token == ref.token).float().mean().item() if n else 100.0
             chunk = _ext.load_extension(args.device if gpu else "cpu").chunk_columns(0, n, args.vocab, tensors[0].element_size(), gpu)
             cells = [dname, str(n), str(chunk)] + [f"{ms[k]:.3f}" for k in names] + [
-                f"{ms['eager'] / ms['ext']:.1f}x", f"{ms['ext'] / ms['matmul V%8']:.2f}x"
+                f"{ms['eager'] / ms['ext']:.2f}x", f"{ms['ext'] / ms[floor]:.2f}x"
             ] + [mem[k] for k in names] + [f"{agree:.2f}"]
             rows_md.append("| " + " | ".join(cells) + " |")
             print(rows_md[-1], flush=True)
             del tensors, fns, ext, ref
-    header = (["dtype", "N", "auto C"] + [f"{k} ms" for k in names] + ["eager / ext", "ext / matmul V%8"]
+    header = (["dtype", "N", "auto C"] + [f"{k} ms" for k in names] + ["eager / ext", f"ext / {floor}"]
               + [f"{k} MiB" for k in names] + ["same token %"])
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows_md
     cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
-    text = "\n".join(head + table + ["", f"Command: `{cmd}`", ""])
+    tail = [] if gpu else ["", "Load average after: %.2f %.2f %.2f." % os.getloadavg()]
+    text = "\n".join(head + table + tail + ["", f"Command: `{cmd}`", ""])
     print("\n" + text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

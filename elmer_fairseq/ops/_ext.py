@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .off_ramp import OffRampOutput, off_ramp_reference
+from .off_ramp import OffRampOutput, check_signal, off_ramp_reference
 
 MODES = ("auto", "cuda", "cpp", "torch")
 _SOURCES = {"cpu": ("off_ramp.cpp",), "cuda": ("off_ramp.cpp", "off_ramp_kernel.cu")}
@@ -204,27 +204,30 @@ def off_ramp(
     threshold: float,
     index: Optional[Tensor] = None,
     state: Optional[Tensor] = None,
+    signal: str = "entropy",
 ) -> OffRampOutput:
     """`off_ramp_reference` (same arguments, same result) by the fastest implementation that works:
     the CUDA kernel for CUDA tensors, the C++ path for CPU tensors, else the reference. Inference
-    only: with autograd recording for an input that requires grad, the reference runs."""
+    only: with autograd recording for an input that requires grad, the reference runs. `signal`
+    ("entropy" or "max_prob") is the exit rule, applied inside the kernel either way."""
+    check_signal(signal)
     mode = _mode()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, state)
     )
     if mode == "torch" or needs_grad:
-        return off_ramp_reference(hidden, weight, threshold, index, state)
+        return off_ramp_reference(hidden, weight, threshold, index, state, signal)
     kind = {"cpu": "cpu", "cuda": "cuda"}.get(hidden.device.type)
     if mode == "auto":
         if kind is None or hidden.dtype not in _DTYPES:
-            return off_ramp_reference(hidden, weight, threshold, index, state)
+            return off_ramp_reference(hidden, weight, threshold, index, state, signal)
     elif kind != {"cpp": "cpu", "cuda": "cuda"}[mode]:
         raise ValueError(f"ELMER_OFF_RAMP={mode} but the off-ramp inputs are on {hidden.device}")
     _check(hidden, weight, index, state)
     ext = load_extension(kind, strict=mode != "auto")
     if ext is None:
-        return off_ramp_reference(hidden, weight, threshold, index, state)
-    return OffRampOutput(*unwrap(ext.off_ramp(hidden, weight, float(threshold), index, state, _chunk())))
+        return off_ramp_reference(hidden, weight, threshold, index, state, signal)
+    return OffRampOutput(*unwrap(ext.off_ramp(hidden, weight, float(threshold), index, state, _chunk(), signal)))
 
 
 def prepare(device) -> None:
