@@ -472,9 +472,8 @@ class ElmerDecoder(TransformerDecoder):
                 state.index_copy_(0, active, self.run_layer(l, x, encoder_out, active))
             # the last layer predicts whatever is left, confident or not
             signal, threshold = exit_policy.layer_rule(exit_threshold, l, L)
-            fused = signal == "entropy"  # the op applies the entropy rule itself
-            ramp = off_ramp(state, self.off_ramp_weight(l), threshold if fused else 0.0, active)
-            exits = ramp.exit if fused else exit_policy.exits(exit_policy.uncertainty(signal, None, ramp.prob), threshold)
+            ramp = off_ramp(state, self.off_ramp_weight(l), threshold, active, signal=signal)  # either rule, fused
+            exits = ramp.exit
             if forced_exits is not None and l < L - 1:
                 exits = forced_exits[active] == l + 1
             if l == 0 and cut:  # every row is in flight at layer 1: ramp.token is in the flat order
