@@ -61,11 +61,10 @@ import elmer_fairseq.checkpoint  # noqa: F401,E402  (fairseq checkpoints load wi
 from elmer_fairseq.convert import as_flags  # noqa: E402
 # examples/ is a folder of scripts, not a package: a script's own folder is sys.path[0], so its
 # siblings import by name (gpu_check.py, run as a script too, and the tests import this file so)
-from distill import distill, fairseq, fairseq_cli  # noqa: E402,F401  (gpu_check.py runs fairseq through here)
+from distill import PLUGIN, distill, fairseq, fairseq_cli  # noqa: E402,F401  (gpu_check.py runs fairseq through here)
 from metrics import all_metrics  # noqa: E402
 from score import parse_log  # noqa: E402
 
-PLUGIN = Path(__file__).resolve().parent.parent / "elmer_fairseq"
 # the architecture options elmer-convert builds a model with (those it prints): fairseq-train
 # builds the model from options, then --finetune-from-model loads the converted weights strictly
 ARCH_OPTIONS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim",
