@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--length-cut", type=int, metavar="MARGIN",
                    help="after layer 1, decode only the positions its predictions say the outputs need, plus "
                         "MARGIN (default: every layer decodes all T positions, the paper's)")
+    p.add_argument("--ramp-shortlist", type=int, metavar="K",
+                   help="soft exit: the middle layers' off-ramps score only the union of layer 1's K most likely "
+                        "tokens per position (faster on CPU; outputs can differ; default: the whole vocabulary)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
@@ -63,7 +66,7 @@ def main(argv=None):
             chunk = lines[start: start + step]
             names = [f"{where}:{start + i + 1}" for i in range(len(chunk))]  # read_lines kept every line
             for text in model.generate(chunk, exit_threshold=args.exit_threshold, exit_thresholds=args.exit_thresholds,
-                                       length_cut=args.length_cut,
+                                       length_cut=args.length_cut, shortlist=args.ramp_shortlist,
                                        batch_size=step, names=names):
                 print(text, flush=False)
             progress.update(len(chunk))

@@ -59,7 +59,8 @@ class ElmerGenerator:
     """Encoder once, decoder once; the output ends at the first predicted EOS. No gold length."""
 
     def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True,
-                 oracle_length: bool = False, policy: str = "", length_cut: Optional[int] = None):
+                 oracle_length: bool = False, policy: str = "", length_cut: Optional[int] = None,
+                 shortlist: Optional[int] = None):
         self.tgt_dict = tgt_dict
         self.policy = policy  # named in the summary: which exit mode and delta decoded
         self.oracle_length = oracle_length
@@ -70,7 +71,11 @@ class ElmerGenerator:
             raise ValueError(f"--length-cut must be >= 0 (positions kept past layer 1's end), got {length_cut}")
         if length_cut is not None and oracle_length:
             raise ValueError("--length-cut and --oracle-length both choose the positions decoded: pass one")
+        if shortlist is not None and oracle_length:
+            raise ValueError("--ramp-shortlist is an option of ELMER's own decoding, not of the authors' --oracle-length "
+                             "protocol: pass one")
         self.length_cut = length_cut
+        self.shortlist = shortlist
         self.stats = None
         if summary:
             # fairseq-generate has no end-of-run hook for generators: report when the process
@@ -95,7 +100,7 @@ class ElmerGenerator:
             out = self.decode_oracle_length(model, net_input, sample.get("target"), eos, pad)
         else:
             out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold,
-                                 self.length_cut)
+                                 self.length_cut, self.shortlist)
         tokens = out.tokens
         keep = output_positions(model, tokens, eos, pad)
         if self.stats is None:

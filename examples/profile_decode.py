@@ -95,8 +95,10 @@ def timed_calls(model):
              *((layer, "forward", LAYERS) for layer in layers)]
     if isinstance(decoder, ElmerDecoder):
         # its off-ramps are an op on the projection's weight, and hard exit runs the in-flight rows
-        # of a layer through layer_rows, which calls the layer's parts, not the layer
-        calls += [(elmer, "off_ramp", OUTPUT), (elmer, "layer_rows", LAYERS), (decoder, "fuse", OUTPUT)]
+        # of a layer through layer_rows, which calls the layer's parts, not the layer; --ramp-shortlist
+        # scores layer 1 with off_ramp_top and the middle layers with shortlist_argmax
+        calls += [(elmer, "off_ramp", OUTPUT), (elmer, "off_ramp_top", OUTPUT), (elmer, "shortlist_argmax", OUTPUT),
+                  (elmer, "layer_rows", LAYERS), (decoder, "fuse", OUTPUT)]
     return calls
 
 

@@ -21,7 +21,7 @@ from fairseq.models.transformer import TransformerDecoder, TransformerModel, bas
 from torch import Tensor, nn
 
 from .. import ctc, exit_policy, glancing
-from ..ops import off_ramp
+from ..ops import OffRampOutput, off_ramp
 
 logger = logging.getLogger(__name__)
 MASK_SYMBOL = "<mask>"
@@ -216,11 +216,13 @@ class ElmerModel(TransformerModel):
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int,
                  exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
-                 length_cut: Optional[int] = None) -> Decoded:
+                 length_cut: Optional[int] = None, shortlist: Optional[int] = None) -> Decoded:
         """One-pass decoding of T = `length` positions: encoder once, decoder once (its upper
-        layers on fewer positions with `length_cut`, see ElmerDecoder.decode)."""
+        layers on fewer positions with `length_cut`, its middle off-ramps on fewer tokens with
+        `shortlist`; see ElmerDecoder.decode)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
-        return self.decoder.decode(encoder_out, length, exit_threshold, length_cut=length_cut, blank=self.blank)
+        return self.decoder.decode(encoder_out, length, exit_threshold, length_cut=length_cut, blank=self.blank,
+                                   shortlist=shortlist)
 
 
 class LPLMPrefix(NamedTuple):
@@ -281,6 +283,20 @@ def layer_rows(layer, x: Tensor, rows: Tensor, enc: Tensor, enc_mask: Optional[T
     h = sublayer(attn.out_proj(out), h, layer.encoder_attn_layer_norm)
     ffn = layer.activation_dropout_module(layer.activation_fn(layer.fc1(h)))
     return sublayer(layer.fc2(ffn), h, layer.final_layer_norm)
+
+
+def off_ramp_top(hidden: Tensor, weight: Tensor, k: int):
+    """`off_ramp(hidden, weight, 0.0)`'s token and probability, and each row's k most likely tokens
+    [N, k]: one [N, V] product serves both, where the fused op would not give the top k."""
+    log_p = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+    top = log_p.topk(min(k, log_p.size(-1)), dim=-1)
+    # soft exit reads the token and its probability only: no entropy, nothing exits
+    return OffRampOutput(top.indices[:, 0], top.values[:, 0].exp(), None, None, None), top.indices
+
+
+def shortlist_argmax(hidden: Tensor, weight: Tensor, candidates: Tensor) -> Tensor:
+    """The argmax of the off-ramp over the `candidates` (sorted token ids) only, for hidden [..., d]."""
+    return candidates[F.linear(hidden, weight.index_select(0, candidates)).argmax(-1)]
 
 
 class ElmerDecoder(TransformerDecoder):
@@ -416,7 +432,7 @@ class ElmerDecoder(TransformerDecoder):
     def decode(self, encoder_out, length: int,
                exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                forced_exits: Optional[Tensor] = None, length_cut: Optional[int] = None,
-               blank: Optional[int] = None) -> Decoded:
+               blank: Optional[int] = None, shortlist: Optional[int] = None) -> Decoded:
         """One pass over T = `length` [MASK] positions with the model's exit mode.
 
         Hard exit runs each layer's queries, attention and FFN on the positions still in flight
@@ -428,7 +444,14 @@ class ElmerDecoder(TransformerDecoder):
         `length_cut` (a margin >= 0; None: off, the paper's T for every layer): after layer 1,
         the upper layers run on the positions up to the last one that layer 1 says the batch's
         outputs need (`needed_length`) plus the margin; the positions past it keep layer 1's
-        prediction, as if they exited there, and are no longer read. `blank`: a CTC model's blank."""
+        prediction, as if they exited there, and are no longer read. `blank`: a CTC model's blank.
+
+        `shortlist` K (soft exit; None: off, the paper's): the off-ramps of layers 2..L-1, whose
+        argmax only chooses the embedding the next layer reads, score the union of the K most
+        likely tokens of layer 1 at the decoded positions instead of the whole vocabulary; layer 1
+        and layer L score it all. At batch 1 an off-ramp costs the bytes of its [V, d] matrix, so
+        this saves most of L - 2 of them; a middle layer whose argmax lies outside the union reads
+        another token than the full argmax, so outputs can differ (docs/one-pass.md measures it)."""
         if length_cut is not None and not length_cut >= 0:
             raise ValueError(f"--length-cut must be >= 0 (positions kept past layer 1's end), got {length_cut}")
         enc = encoder_out["encoder_out"][0]
@@ -437,15 +460,26 @@ class ElmerDecoder(TransformerDecoder):
         x = self.embed(masks)  # [T, B, C]
         M = length * bsz
         cut = length_cut is not None and L > 1
+        if shortlist is not None:
+            if self.exit_mode != "soft" or not shortlist >= 1 or L < 3:
+                raise ValueError(f"--ramp-shortlist {shortlist}: a number >= 1 of candidates for the middle off-ramps "
+                                 f"of a soft-exit decoder with >= 3 layers (this one: {self.exit_mode}, {L} layers)")
         if self.exit_mode == "soft":
-            first = None  # layer 1's predictions at every position
+            first, candidates = None, None  # layer 1's predictions at every position; the shortlist
             for l in range(L):
                 h = self.run_layer(l, x, encoder_out)
-                ramp = off_ramp(h.reshape(M, -1), self.off_ramp_weight(l), 0.0)
+                weight = self.off_ramp_weight(l)
+                if candidates is not None and l < L - 1:  # the next layer reads the argmax, nothing else
+                    x = self.fuse(shortlist_argmax(h, weight, candidates), h)
+                    continue
+                flat = h.reshape(M, -1)
+                ramp, top = off_ramp_top(flat, weight, shortlist) if l == 0 and shortlist else (off_ramp(flat, weight, 0.0), None)
                 tokens = ramp.token.view(length, bsz)
                 if l == 0 and cut:
                     first, length = ramp, self.needed_length(tokens, length_cut, blank)
                     M, h, tokens = length * bsz, h[:length], tokens[:length]
+                if top is not None:  # sorted: among tied logits the lowest index wins, as in the full argmax
+                    candidates = top[:M].unique()
                 x = self.fuse(tokens, h) if l < L - 1 else h
             tokens, scores, exit_layer = ramp.token, ramp.prob, masks.new_full((M,), L)
             if M < full * bsz:  # the cut positions (the last rows of the flat order): layer 1's

@@ -68,6 +68,14 @@ class ElmerTranslationConfig(TranslationConfig):
                           "it keep layer 1's prediction. Default: off, every layer decodes all "
                           "--max-target-length positions (the paper's)"},
     )
+    ramp_shortlist: Optional[int] = field(
+        default=None,
+        metadata={"help": "generation, soft exit: the off-ramps of decoder layers 2..L-1, whose argmax only picks the "
+                          "token embedding the next layer reads, score the union of layer 1's K most likely tokens at "
+                          "each position instead of the whole vocabulary (layer 1 and the last layer score it all). "
+                          "Faster where an off-ramp costs its matrix's bytes (CPU, batch 1); a middle layer whose "
+                          "argmax lies outside the union reads another token, so outputs can differ. Default: off"},
+    )
     seed: int = II("common.seed")
 
 
@@ -254,7 +262,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
         return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, policy.threshold,
                               oracle_length=self.cfg.oracle_length, policy=policy.describe(),
-                              length_cut=self.cfg.length_cut)
+                              length_cut=self.cfg.length_cut, shortlist=self.cfg.ramp_shortlist)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
