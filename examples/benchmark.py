@@ -75,6 +75,7 @@ ARCH_OPTIONS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decode
 
 
 LENGTH_CUT = 2  # the margin of ELMER's --length-cut rows
+SHORTLIST = 64  # ELMER-Soft's --ramp-shortlist row: its outputs equalled the full vocabulary's (docs/one-pass.md)
 
 
 @dataclass
@@ -127,7 +128,8 @@ def systems(args) -> dict:
         relabel=ar_gen + ["--beam", "1"], speed_reference="Transformer (AR, greedy)")
     ctc = "ctc" in shlex.split(args.elmer_options)  # --output-loss ctc: no EOS position to set T by
     cut = ["--length-cut", str(LENGTH_CUT)]
-    soft_rows = {"ELMER-Soft": elmer_gen, f"ELMER-Soft, --length-cut {LENGTH_CUT}": elmer_gen + cut}
+    soft_rows = {"ELMER-Soft": elmer_gen, f"ELMER-Soft, --length-cut {LENGTH_CUT}": elmer_gen + cut,
+                 f"ELMER-Soft, --ramp-shortlist {SHORTLIST}": elmer_gen + ["--ramp-shortlist", str(SHORTLIST)]}
     if not ctc:  # reads the reference's length: comparable with the paper's rows, not a result
         soft_rows["ELMER-Soft, oracle T (authors' test protocol)"] = elmer_gen + ["--oracle-length"]
     elmer_soft = System("elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"), soft_rows)

@@ -1,6 +1,7 @@
 """The benchmark pipeline of examples/: task data parsing and splitting, metrics, and a real
 examples/benchmark.py run (train, distil, decode, time, tables; resume; a failing system)."""
 import csv
+import filecmp
 import json
 import os
 import subprocess
@@ -172,8 +173,10 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, word
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["system"] for r in rows] == ["Transformer (AR, greedy)", "Transformer (AR, beam 4)", "ELMER-Soft",
-                                           "ELMER-Soft, --length-cut 2", "ELMER-Soft, oracle T (authors' test protocol)",
-                                           "ELMER-Soft + KD", "ELMER-Soft, --length-cut 2 + KD"]
+                                           "ELMER-Soft, --length-cut 2", "ELMER-Soft, --ramp-shortlist 64",
+                                           "ELMER-Soft, oracle T (authors' test protocol)",
+                                           "ELMER-Soft + KD", "ELMER-Soft, --length-cut 2 + KD",
+                                           "ELMER-Soft, --ramp-shortlist 64 + KD"]
     for r in rows:
         assert not r["error"] and float(r["ms_per_sample"]) > 0 and 0 <= float(r["meteor"]) <= 100
     assert float(rows[0]["speedup_vs_ar"]) == 1
@@ -191,6 +194,17 @@ def test_benchmark_trains_distils_decodes_and_resumes(bench_data, tmp_path, word
     made_by = json.loads((tmp_path / "kd" / "teacher.json").read_text())
     assert made_by["teacher"] == str(teacher) and made_by["pairs"] == len(distilled)
     assert (tmp_path / "kd" / "bin" / "test.src-tgt.tgt.bin").resolve() == (bench_data / "bin" / "test.src-tgt.tgt.bin").resolve()
+    # targets distilled once are binarized again without the teacher, for the split they were made for only
+    again = subprocess.run([sys.executable, str(ROOT / "examples" / "distill.py"), "--data", str(bench_data / "bin"),
+                            "--from", str(tmp_path / "kd"), "--out", str(tmp_path / "kd-again")], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "kd-again" / "train.tgt").read_text().splitlines() == distilled
+    assert filecmp.cmp(tmp_path / "kd" / "bin" / "train.src-tgt.tgt.bin", tmp_path / "kd-again" / "bin" / "train.src-tgt.tgt.bin")
+    made_by["train_src_sha256"] = "0" * 64
+    (tmp_path / "kd" / "teacher.json").write_text(json.dumps(made_by))
+    other = subprocess.run([sys.executable, str(ROOT / "examples" / "distill.py"), "--data", str(bench_data / "bin"),
+                            "--from", str(tmp_path / "kd"), "--out", str(tmp_path / "kd-other")], capture_output=True, text=True)
+    assert other.returncode != 0 and "made for another training split" in other.stderr
     missing = benchmark(bench_data, out, "elmer-soft-kd", wordnet=wordnet, extra=["--kd-data", str(tmp_path / "none")])
     assert missing.returncode != 0 and "no distilled training set there" in missing.stderr
     assert "## Sample 1" in (out / "samples.md").read_text()
@@ -223,7 +237,7 @@ def test_a_ctc_variant_has_no_oracle_length_row_and_every_elmer_system_a_length_
     paper = harness.systems(harness.parse_args([]))
     ctc = harness.systems(harness.parse_args(["--elmer-options=--output-loss ctc --glance 0.5"]))
     assert "ELMER-Soft, oracle T (authors' test protocol)" in paper["elmer-soft"].rows
-    assert list(ctc["elmer-soft"].rows) == ["ELMER-Soft", "ELMER-Soft, --length-cut 2"]
+    assert list(ctc["elmer-soft"].rows) == ["ELMER-Soft", "ELMER-Soft, --length-cut 2", "ELMER-Soft, --ramp-shortlist 64"]
     assert ctc["elmer-hard"].rows["ELMER-Hard (delta=0.5), --length-cut 2"][-2:] == ["--length-cut", "2"]
 
 
