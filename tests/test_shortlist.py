@@ -1,4 +1,6 @@
 """--ramp-shortlist K: soft exit's middle off-ramps score layer 1's K most likely tokens only."""
+import sys
+
 import pytest
 import torch
 
@@ -6,7 +8,10 @@ from elmer_fairseq import ELMER, cli
 from elmer_fairseq.generator import ElmerGenerator
 from elmer_fairseq.models.elmer import ElmerDecoder
 
-from conftest import expect_failure, generate_args, hypotheses, run_cli, sample_batch, tiny_model, train_args
+from conftest import ROOT, expect_failure, generate_args, hypotheses, run_cli, sample_batch, tiny_model, train_args
+
+sys.path.insert(0, str(ROOT / "examples"))  # examples/ is a folder of scripts, as in test_benchmark
+import shortlist_check  # noqa: E402
 
 
 def encode(model, batch):
@@ -82,3 +87,8 @@ def test_fairseq_generate_elmer_generate_and_the_api_with_a_shortlist(xsum_tiny,
     model = ELMER.from_pretrained(ckpt, data=xsum_tiny, device="cpu")
     lines = sources.read_text(encoding="utf-8").splitlines()
     assert model.generate(lines, batch_size=3, shortlist=2) == [listed[i] for i in range(8)]
+    # examples/shortlist_check.py: a shortlist of the whole vocabulary keeps every output
+    shortlist_check.main(["--path", str(ckpt), "--data", str(xsum_tiny), "--samples", "4", "--warmup", "0",
+                          "--shortlists", "100000", "--length-cuts", "100"])
+    table = capsys.readouterr().out
+    assert "| `--ramp-shortlist 100000` |" in table and table.count("| 100% |") == 4, table
