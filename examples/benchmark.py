@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 # OpenMP threads that spin at every barrier run many times slower while another process holds a
 # core (docs/speed.md): sleeping waiters here and in the fairseq runs started below (they inherit
@@ -128,8 +129,10 @@ def systems(args) -> dict:
         relabel=ar_gen + ["--beam", "1"], speed_reference="Transformer (AR, greedy)")
     ctc = "ctc" in shlex.split(args.elmer_options)  # --output-loss ctc: no EOS position to set T by
     cut = ["--length-cut", str(LENGTH_CUT)]
-    soft_rows = {"ELMER-Soft": elmer_gen, f"ELMER-Soft, --length-cut {LENGTH_CUT}": elmer_gen + cut,
-                 f"ELMER-Soft, --ramp-shortlist {SHORTLIST}": elmer_gen + ["--ramp-shortlist", str(SHORTLIST)]}
+    soft_rows = {"ELMER-Soft": elmer_gen, f"ELMER-Soft, --length-cut {LENGTH_CUT}": elmer_gen + cut}
+    layers = elmer_layers(args)
+    if layers is None or layers >= 3:  # a decoder of fewer has no middle off-ramp to shortlist
+        soft_rows[f"ELMER-Soft, --ramp-shortlist {SHORTLIST}"] = elmer_gen + ["--ramp-shortlist", str(SHORTLIST)]
     if not ctc:  # reads the reference's length: comparable with the paper's rows, not a result
         soft_rows["ELMER-Soft, oracle T (authors' test protocol)"] = elmer_gen + ["--oracle-length"]
     elmer_soft = System("elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"), soft_rows)
@@ -160,11 +163,20 @@ def size_flags(args):
 
 
 @lru_cache(maxsize=None)
+@lru_cache
 def converted_model(path: Path) -> argparse.Namespace:
     """The model options an elmer-convert output was built with."""
     if not path.is_file():
         raise FileNotFoundError(f"--warm-start {path.parent}: no {path.name} (elmer-convert --for ...)")
     return torch.load(path, map_location="cpu")["cfg"]["model"]
+
+
+def elmer_layers(args) -> Optional[int]:
+    """ELMER's decoder depth: --layers, or the converted model's with --warm-start (None: not known yet)."""
+    if args.warm_start:
+        path = args.warm_start / "model.pt"
+        return converted_model(path).decoder_layers if path.is_file() else None
+    return args.layers
 
 
 def model_flags(system: System, args) -> list:
