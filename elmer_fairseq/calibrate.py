@@ -75,8 +75,7 @@ def layer_logits(decoder, encoder_out, length: int) -> List[torch.Tensor]:
     """Every layer's off-ramp logits [B, T, V] for T = `length` [MASK] positions, each position
     through every layer: the decoder's hard-exit forward pass with delta 0, built from its parts
     because that pass reads delta from the decoder's own field, which calibration must not change."""
-    bsz = encoder_out["encoder_out"][0].size(1)
-    x = decoder.embed(encoder_out["encoder_out"][0].new_full((bsz, length), decoder.mask_idx, dtype=torch.long))
+    x = decoder.mask_input(encoder_out, length)
     logits = []
     for l in range(decoder.num_layers):
         x = decoder.run_layer(l, x, encoder_out)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ctc
+from .models.elmer import target_lengths
 
 
 def cut_at_first_eos(tokens: Tensor, eos: int, pad: int) -> Tensor:
@@ -125,14 +126,16 @@ class ElmerGenerator:
 
     def decode_oracle_length(self, model, net_input, target, eos: int, pad: int):
         """The ELMER authors' test protocol: every sample decoded alone with T = its reference's
-        length + 1 (up to and including the first EOS), the rest of the row pad."""
+        length + 1 (up to and including the first EOS), the rest of the row pad. A decoder with a
+        length head is told that length instead of its prediction."""
         if target is None:
             raise ValueError("--oracle-length decodes with the reference's length, but this sample has no "
                              "reference (raw input): drop --oracle-length")
-        is_eos = target.eq(eos)
-        ends = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, target.ne(pad).sum(1))
-        rows = [model.generate(net_input["src_tokens"][i:i + 1], net_input["src_lengths"][i:i + 1],
-                               int(max(n, 1)), self.exit_threshold) for i, n in enumerate(ends.tolist())]
+        ends = target_lengths(target, eos, pad).clamp(min=1)
+        told = model.decoder.embed_length is not None
+        rows = [model.generate(net_input["src_tokens"][i:i + 1], net_input["src_lengths"][i:i + 1], int(n),
+                               self.exit_threshold, lengths=ends[i:i + 1] if told else None)
+                for i, n in enumerate(ends.tolist())]
         width = max(r.tokens.size(1) for r in rows)
 
         def stack(name, fill):

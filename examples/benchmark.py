@@ -163,7 +163,6 @@ def size_flags(args):
 
 
 @lru_cache(maxsize=None)
-@lru_cache
 def converted_model(path: Path) -> argparse.Namespace:
     """The model options an elmer-convert output was built with."""
     if not path.is_file():

@@ -47,6 +47,9 @@ CHANGES_LOSS = {
     "glance": ("soft", ["--glance", "0.9"]),
     # against glancing with the default (unrevealed) too: test_ctc's test_glance_loss_all_trains_every_position
     "glance_loss": ("soft", ["--glance", "0.9", "--glance-loss", "all"]),
+    "length_head": ("soft", ["--length-head"]),
+    # against the head at another factor too: test_length_head's test_training_adds_the_length_loss...
+    "length_loss_factor": ("soft", ["--length-head", "--length-loss-factor", "1"]),
 }
 # option -> (flags, words of the error)
 REFUSED = {

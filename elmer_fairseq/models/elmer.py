@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 MASK_SYMBOL = "<mask>"
 GOLD_MIX_PROB = 0.3  # the ELMER authors' fine-tuning code (fine-tune/modeling_bart.py); not in the paper
 OUTPUT_LOSSES = ("ce", "ctc")
+LENGTH_LOSS_FACTOR = 0.1
 
 
 class Decoded(NamedTuple):
@@ -79,6 +80,20 @@ class ElmerModel(TransformerModel):
                  "with ctc, whose loss is over the whole sequence)",
         )
         parser.add_argument(
+            "--length-head", action="store_true",
+            help="predict the output's length (EOS included) from the mean of the encoder states, as CMLM does, and "
+                 "add that length's embedding to every [MASK] the decoder reads (the reference's length in "
+                 "training, the predicted one in decoding), so that where the output ends follows the input. "
+                 "Decoding still runs --max-target-length positions and ends at the first EOS (with --length-cut "
+                 "the upper layers stop there). The embedding starts at zero: a warm start decodes as without it. "
+                 "Default: off (the paper's)",
+        )
+        parser.add_argument(
+            "--length-loss-factor", type=float, metavar="F",
+            help=f"with --length-head: the weight of the length prediction's cross-entropy next to the off-ramps' "
+                 f"(default {LENGTH_LOSS_FACTOR}, fairseq's CMLM recipe)",
+        )
+        parser.add_argument(
             "--layernorm-eps", type=float, metavar="EPS",
             help="epsilon of every LayerNorm (default: fairseq's 1e-5); elmer-convert sets the "
                  "checkpoint's own (BERT's 1e-12), which changes the outputs by ~1e-2 otherwise",
@@ -94,6 +109,8 @@ class ElmerModel(TransformerModel):
                                               args.output_loss)
         args.glance_loss = resolve_glance_loss(args.output_loss, getattr(args, "glance", None),
                                                getattr(args, "glance_loss", None))
+        args.length_loss_factor = resolve_length_head(getattr(args, "length_head", False), args.output_loss,
+                                                      getattr(args, "length_loss_factor", None))
         eps = getattr(args, "layernorm_eps", None)
         if eps is not None and not eps > 0:  # also rejects NaN
             raise ValueError(f"--layernorm-eps must be > 0, got {eps}")
@@ -134,18 +151,24 @@ class ElmerModel(TransformerModel):
         """
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         if exit_layers is not None:
-            if self.output_loss != "ce" or self.glance_schedule is not None:
+            if self.output_loss != "ce" or self.glance_schedule is not None or self.decoder.embed_length is not None:
                 raise ValueError("LPLM pretraining trains each token at its sampled exit layer with cross-entropy: "
-                                 "--output-loss ctc and --glance are fine-tuning options")
+                                 "--output-loss ctc, --glance and --length-head are fine-tuning options")
             return self.lplm_terms(encoder_out, prev_output_tokens, tgt_tokens, exit_layers)
         pad = self.decoder.padding_idx
         labels = ctc.labels(tgt_tokens, pad, self.decoder.dictionary.eos()) if self.blank is not None else None
-        revealed = None
+        revealed, terms = None, {}
+        lengths = None
+        if self.decoder.embed_length is not None:
+            lengths = target_lengths(tgt_tokens, self.decoder.dictionary.eos(), pad)
+            terms["length"] = {"out": self.decoder.predict_length(encoder_out), "tgt": lengths,
+                               "factor": self.args.length_loss_factor}
         ratio = self.glance_schedule.ratio(self.num_updates) if self.glance_schedule else 0.0
         if self.training and ratio > 0:
-            prev_output_tokens, revealed = self.glance(prev_output_tokens, encoder_out, tgt_tokens, labels, ratio)
+            prev_output_tokens, revealed = self.glance(prev_output_tokens, encoder_out, tgt_tokens, labels, ratio,
+                                                       lengths)
         # gold mixing lays the reference on the positions as they are: only for the positional (ce) output
-        layer_logits = self.decoder(prev_output_tokens, encoder_out, tgt_tokens if labels is None else None)
+        layer_logits = self.decoder(prev_output_tokens, encoder_out, tgt_tokens if labels is None else None, lengths)
         num_layers = len(layer_logits)
         if labels is not None:
             unfit = int(ctc.unalignable(*labels, prev_output_tokens.size(1)).sum())
@@ -160,19 +183,19 @@ class ElmerModel(TransformerModel):
         if revealed is not None and self.args.glance_loss == "unrevealed":
             mask = mask & ~revealed
         return {
-            f"layer{l + 1}": {
+            **{f"layer{l + 1}": {
                 "out": logits, "tgt": tgt_tokens, "mask": mask, "ls": self.label_smoothing,
                 "factor": 1.0 / num_layers, "nll_loss": l == num_layers - 1,
-            }
-            for l, logits in enumerate(layer_logits)
+            } for l, logits in enumerate(layer_logits)},
+            **terms,
         }
 
     @torch.no_grad()
-    def glance(self, prev_output_tokens, encoder_out, tgt_tokens, labels, ratio: float):
+    def glance(self, prev_output_tokens, encoder_out, tgt_tokens, labels, ratio: float, lengths=None):
         """GLAT's first pass (the model's exit mode, no reference tokens) and the decoder input
         with ratio * (its wrong positions) reference tokens in place of [MASK]; returns that input
         and where the reference was revealed, both [B, T]."""
-        last = self.decoder(prev_output_tokens, encoder_out)[-1]
+        last = self.decoder(prev_output_tokens, encoder_out, lengths=lengths)[-1]
         if labels is None:
             reference, valid = tgt_tokens, tgt_tokens.ne(self.decoder.padding_idx)
         else:
@@ -216,13 +239,15 @@ class ElmerModel(TransformerModel):
     @torch.no_grad()
     def generate(self, src_tokens, src_lengths, length: int,
                  exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
-                 length_cut: Optional[int] = None, shortlist: Optional[int] = None) -> Decoded:
+                 length_cut: Optional[int] = None, shortlist: Optional[int] = None,
+                 lengths: Optional[Tensor] = None) -> Decoded:
         """One-pass decoding of T = `length` positions: encoder once, decoder once (its upper
         layers on fewer positions with `length_cut`, its middle off-ramps on fewer tokens with
-        `shortlist`; see ElmerDecoder.decode)."""
+        `shortlist`; see ElmerDecoder.decode). `lengths` [B]: the output lengths a length head's
+        decoder is told instead of its own prediction (the reference's, for --oracle-length)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         return self.decoder.decode(encoder_out, length, exit_threshold, length_cut=length_cut, blank=self.blank,
-                                   shortlist=shortlist)
+                                   shortlist=shortlist, lengths=lengths)
 
 
 class LPLMPrefix(NamedTuple):
@@ -318,18 +343,50 @@ class ElmerDecoder(TransformerDecoder):
             self.off_ramps = None
         # W in h~ = W [Embed(y); h] (paper eq. 12); only soft exit has it
         self.soft_exit = nn.Linear(2 * self.embed_dim, self.embed_dim, bias=False) if self.exit_mode == "soft" else None
+        self.embed_length = self.length_out = None
+        if getattr(args, "length_head", False):
+            classes = args.max_target_positions + 1  # lengths 0..max, EOS included
+            self.length_out = nn.Linear(args.encoder_embed_dim, classes, bias=False)
+            self.embed_length = nn.Embedding(classes, self.embed_dim)
+            nn.init.zeros_(self.embed_length.weight)  # the [MASK] inputs a warm start's layers were trained on
 
     def off_ramp_weight(self, layer: int) -> Tensor:
         return self.output_projection.weight if self.off_ramps is None else self.off_ramps[layer].weight
 
-    def embed(self, prev_output_tokens: Tensor) -> Tensor:
-        """[B, T] tokens -> [T, B, C] decoder input: word + learned position embeddings."""
+    def embed(self, prev_output_tokens: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """[B, T] tokens -> [T, B, C] decoder input: word + learned position embeddings, and with a
+        length head the embedding of each row's output length `lengths` [B]."""
         x = self.embed_scale * self.embed_tokens(prev_output_tokens)
         if self.embed_positions is not None:
             x = x + self.embed_positions(prev_output_tokens)
+        if (lengths is None) != (self.embed_length is None):
+            raise ValueError("a decoder with a length head reads the output lengths, one without reads none: "
+                             f"got lengths={'None' if lengths is None else 'a tensor'}")
+        if lengths is not None:
+            x = x + self.embed_length(lengths.clamp(max=self.embed_length.num_embeddings - 1)).unsqueeze(1)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         return self.dropout_module(x).transpose(0, 1)
+
+    def predict_length(self, encoder_out) -> Tensor:
+        """The length head's logits [B, lengths] from the mean of the encoder's (unpadded) states."""
+        enc = encoder_out["encoder_out"][0]  # [S, B, C]
+        if encoder_out["encoder_padding_mask"]:
+            keep = (~encoder_out["encoder_padding_mask"][0]).t().unsqueeze(-1).type_as(enc)  # [S, B, 1]
+            mean = (enc * keep).sum(0) / keep.sum(0).clamp(min=1)
+        else:
+            mean = enc.mean(0)
+        return self.length_out(mean)
+
+    def mask_input(self, encoder_out, length: int, lengths: Optional[Tensor] = None) -> Tensor:
+        """The decoding input [T, B, C]: T = `length` [MASK]s; with a length head, told `lengths` [B]
+        or, when None, the head's most likely length in 1..T."""
+        enc = encoder_out["encoder_out"][0]
+        if self.embed_length is not None and lengths is None:
+            logits = self.predict_length(encoder_out)[:, : length + 1]
+            logits[:, 0] = -math.inf  # an output holds its EOS at least
+            lengths = logits.argmax(-1)
+        return self.embed(enc.new_full((enc.size(1), length), self.mask_idx, dtype=torch.long), lengths)
 
     def fuse(self, tokens: Tensor, h: Tensor) -> Tensor:
         """Soft exit: the next layer reads W [Embed(y^l); h^l]."""
@@ -356,7 +413,7 @@ class ElmerDecoder(TransformerDecoder):
         # no self_attn_mask: the NAR decoder attends to every position, left and right
         return self.layers[layer](x, enc, enc_mask)[0]
 
-    def forward(self, prev_output_tokens, encoder_out, tgt_tokens=None) -> List[Tensor]:
+    def forward(self, prev_output_tokens, encoder_out, tgt_tokens=None, lengths=None) -> List[Tensor]:
         """Training pass with the model's exit mode; returns every layer's off-ramp logits [B, T, V].
 
         Hard exit trains every off-ramp (the mean of the per-layer cross-entropies, as soft exit
@@ -366,8 +423,9 @@ class ElmerDecoder(TransformerDecoder):
         become confident, the upper layers learn to work beside frozen neighbours, as they must
         at inference. A frozen position's upper-layer loss repeats its exit-layer loss (the
         off-ramp is shared), so a token's exit layer is weighted by how many layers it spans.
+        `lengths` [B]: the output lengths a length head's decoder is told (the references').
         """
-        x = self.embed(prev_output_tokens)
+        x = self.embed(prev_output_tokens, lengths)
         frozen = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)  # [T, B]
         layer_logits = []
         for l in range(self.num_layers):
@@ -432,8 +490,10 @@ class ElmerDecoder(TransformerDecoder):
     def decode(self, encoder_out, length: int,
                exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                forced_exits: Optional[Tensor] = None, length_cut: Optional[int] = None,
-               blank: Optional[int] = None, shortlist: Optional[int] = None) -> Decoded:
-        """One pass over T = `length` [MASK] positions with the model's exit mode.
+               blank: Optional[int] = None, shortlist: Optional[int] = None,
+               lengths: Optional[Tensor] = None) -> Decoded:
+        """One pass over T = `length` [MASK] positions with the model's exit mode (a decoder with a
+        length head is told `lengths` [B], or its own prediction; see mask_input).
 
         Hard exit runs each layer's queries, attention and FFN on the positions still in flight
         only; the exited ones keep the state they exited with and serve as keys and values, so
@@ -457,7 +517,7 @@ class ElmerDecoder(TransformerDecoder):
         enc = encoder_out["encoder_out"][0]
         bsz, L, full = enc.size(1), self.num_layers, length
         masks = enc.new_full((bsz, length), self.mask_idx, dtype=torch.long)
-        x = self.embed(masks)  # [T, B, C]
+        x = self.mask_input(encoder_out, length, lengths)  # [T, B, C]
         M = length * bsz
         cut = length_cut is not None and L > 1
         if shortlist is not None:
@@ -554,7 +614,7 @@ class ElmerDecoder(TransformerDecoder):
         prefix = name + "." if name else ""
         own = self.state_dict()
         for key, value in own.items():
-            if key.startswith(("soft_exit.", "off_ramps.")) and prefix + key not in state_dict:
+            if key.startswith(("soft_exit.", "off_ramps.", "embed_length.", "length_out.")) and prefix + key not in state_dict:
                 if key == "soft_exit.weight":
                     logger.info("the checkpoint has no soft-exit W: it starts as [0 | I], each layer reading the "
                                 "layer below as the checkpoint's layers were trained to")
@@ -632,6 +692,26 @@ def resolve_glance_loss(output_loss, glance, value):
     if not glance:
         return None
     return value or ("all" if output_loss == "ctc" else "unrevealed")
+
+
+def resolve_length_head(length_head: bool, output_loss: str, factor: Optional[float]) -> Optional[float]:
+    """--length-loss-factor for a new model: CMLM's with --length-head, refused without it (None then)."""
+    if factor is not None and not length_head:
+        raise ValueError(f"--length-loss-factor {factor} weighs the length head's loss: it needs --length-head")
+    if factor is not None and not factor >= 0:  # also rejects NaN
+        raise ValueError(f"--length-loss-factor must be >= 0, got {factor}")
+    if length_head and output_loss == "ctc":
+        raise ValueError("--length-head tells the decoder where the output's EOS is; with --output-loss ctc the "
+                         "output's length comes from the blanks and T must be 2-3x the target: drop --length-head")
+    if not length_head:
+        return None
+    return LENGTH_LOSS_FACTOR if factor is None else factor
+
+
+def target_lengths(tgt_tokens: Tensor, eos: int, pad: int) -> Tensor:
+    """[B, T] targets -> [B] their lengths through the first EOS (all non-pad tokens where none is)."""
+    is_eos = tgt_tokens.eq(eos)
+    return torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, tgt_tokens.ne(pad).sum(1))
 
 
 def pass_through_fuse(dim: int) -> Tensor:
