@@ -78,6 +78,7 @@ class ElmerGenerator:
         self.length_cut = length_cut
         self.shortlist = shortlist
         self.stats = None
+        self.predicted = []  # a length head's predictions, for the summary
         if summary:
             # fairseq-generate has no end-of-run hook for generators: report when the process
             # ends, on stdout beside fairseq-generate's own closing lines
@@ -86,6 +87,13 @@ class ElmerGenerator:
     def print_summary(self):
         if self.stats is not None:
             print(self.stats.summary(self.policy), flush=True)
+        if self.predicted:
+            print(self.length_summary(torch.cat(self.predicted)), flush=True)
+
+    def length_summary(self, predicted: Tensor) -> str:
+        over = int((predicted > self.length).sum())
+        return (f"ELMER length head: mean predicted length {predicted.double().mean():.2f} (EOS included) over "
+                f"{len(predicted):,} outputs; {over:,} above --max-target-length {self.length}, decoded at {self.length}")
 
     @torch.no_grad()
     def generate(self, models, sample: Dict, prefix_tokens=None, constraints=None, **unused) -> List[List[Dict]]:
@@ -107,6 +115,8 @@ class ElmerGenerator:
         if self.stats is None:
             self.stats = ExitStats(model.decoder.num_layers)
         self.stats.add(out.exit_layer, keep)
+        if out.predicted_length is not None:
+            self.predicted.append(out.predicted_length.cpu())
         hypos = []
         # a CTC output ends where the blanks begin, not at a written EOS: it gets one, as fairseq's
         # hypotheses end (fairseq-generate strips it; its BLEU scorer crashes on an empty hypothesis)

@@ -4,6 +4,7 @@ import torch
 
 from elmer_fairseq import ELMER
 from elmer_fairseq.criterions.elmer_loss import ElmerLoss
+from elmer_fairseq.generator import ElmerGenerator
 from elmer_fairseq.models.elmer import target_lengths
 
 from conftest import expect_failure, generate_args, hypotheses, run_cli, sample_batch, tiny_model, train_args
@@ -50,6 +51,9 @@ def test_the_decoder_reads_the_length_it_is_told_or_predicts(xsum_tiny, monkeypa
     monkeypatch.setattr(model.decoder, "predict_length", lambda encoder_out: logits.clone())
     predicted = model.decoder.decode(encoder_out, 12)
     assert torch.equal(predicted.tokens, nine.tokens)
+    assert predicted.predicted_length.tolist() == [30, 30, 30] and three.predicted_length is None  # told: none
+    summary = ElmerGenerator(task.target_dictionary, 12, 0.0, summary=False).length_summary(torch.tensor([30, 9]))
+    assert "mean predicted length 19.50" in summary and "1 above --max-target-length 12, decoded at 12" in summary
 
 
 def test_training_adds_the_length_loss_and_feeds_the_reference_length(xsum_tiny, monkeypatch):
@@ -99,8 +103,9 @@ def test_fairseq_train_resume_generate_and_the_api(xsum_tiny, tmp_path):
     resumed = run_cli("fairseq-train", *train_args(xsum_tiny, tmp_path, "--length-head", "--glance", "0.5",
                                                    updates=3)).stdout
     assert "Loaded checkpoint" in resumed and "@ 2 updates" in resumed
-    gen = hypotheses(run_cli("fairseq-generate", *generate_args(xsum_tiny, ckpt, "--length-cut", "1")).stdout)
-    assert len(gen) == 8
+    stdout = run_cli("fairseq-generate", *generate_args(xsum_tiny, ckpt, "--length-cut", "1")).stdout
+    gen = hypotheses(stdout)
+    assert len(gen) == 8 and "ELMER length head: mean predicted length" in stdout and "over 8 outputs" in stdout
     oracle = run_cli("fairseq-generate", *generate_args(xsum_tiny, ckpt, "--oracle-length")).stdout
     assert len(hypotheses(oracle)) == 8
     model = ELMER.from_pretrained(ckpt, data=xsum_tiny, device="cpu")

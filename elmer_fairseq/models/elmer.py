@@ -34,6 +34,7 @@ class Decoded(NamedTuple):
     tokens: Tensor  # [B, T] argmax at each position's exit layer
     scores: Tensor  # [B, T] log-probability of that token
     exit_layer: Tensor  # [B, T] 1-based layer where the position exited (L when it never did)
+    predicted_length: Optional[Tensor] = None  # [B] a length head's most likely length, before the cap at T
 
 
 @register_model("elmer")
@@ -378,14 +379,19 @@ class ElmerDecoder(TransformerDecoder):
             mean = enc.mean(0)
         return self.length_out(mean)
 
+    def predicted_lengths(self, encoder_out, length: int):
+        """The length head's most likely output length [B] in 1..T = `length`, and in 1..any (which
+        may be above T: decoding caps it and the generator counts it)."""
+        logits = self.predict_length(encoder_out)
+        logits[:, 0] = -math.inf  # an output holds its EOS at least
+        return logits[:, : length + 1].argmax(-1), logits.argmax(-1)
+
     def mask_input(self, encoder_out, length: int, lengths: Optional[Tensor] = None) -> Tensor:
         """The decoding input [T, B, C]: T = `length` [MASK]s; with a length head, told `lengths` [B]
         or, when None, the head's most likely length in 1..T."""
         enc = encoder_out["encoder_out"][0]
         if self.embed_length is not None and lengths is None:
-            logits = self.predict_length(encoder_out)[:, : length + 1]
-            logits[:, 0] = -math.inf  # an output holds its EOS at least
-            lengths = logits.argmax(-1)
+            lengths = self.predicted_lengths(encoder_out, length)[0]
         return self.embed(enc.new_full((enc.size(1), length), self.mask_idx, dtype=torch.long), lengths)
 
     def fuse(self, tokens: Tensor, h: Tensor) -> Tensor:
@@ -517,6 +523,9 @@ class ElmerDecoder(TransformerDecoder):
         enc = encoder_out["encoder_out"][0]
         bsz, L, full = enc.size(1), self.num_layers, length
         masks = enc.new_full((bsz, length), self.mask_idx, dtype=torch.long)
+        predicted = None
+        if self.embed_length is not None and lengths is None:
+            lengths, predicted = self.predicted_lengths(encoder_out, length)
         x = self.mask_input(encoder_out, length, lengths)  # [T, B, C]
         M = length * bsz
         cut = length_cut is not None and L > 1
@@ -545,7 +554,7 @@ class ElmerDecoder(TransformerDecoder):
             if M < full * bsz:  # the cut positions (the last rows of the flat order): layer 1's
                 tokens, scores = torch.cat([tokens, first.token[M:]]), torch.cat([scores, first.prob[M:]])
                 exit_layer = torch.cat([exit_layer, masks.new_ones(full * bsz - M)])
-            return self.batch_major(full, tokens, scores.log(), exit_layer)
+            return self.batch_major(full, tokens, scores.log(), exit_layer)._replace(predicted_length=predicted)
         if not isinstance(exit_threshold, exit_policy.LayerThresholds) and not exit_threshold >= 0:  # also NaN
             raise ValueError(f"--exit-threshold must be >= 0 (an entropy in nats), got {exit_threshold}")
         if forced_exits is not None:
@@ -581,7 +590,7 @@ class ElmerDecoder(TransformerDecoder):
             active = active[~exits]
             if len(active) == 0:  # every position has exited: the upper layers would only copy
                 break
-        return self.batch_major(full, tokens, scores.log(), exit_layer)
+        return self.batch_major(full, tokens, scores.log(), exit_layer)._replace(predicted_length=predicted)
 
     def needed_length(self, tokens: Tensor, margin: int, blank: Optional[int]) -> int:
         """How many positions the batch's outputs need by the predictions `tokens` [T, B], plus
