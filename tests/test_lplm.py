@@ -424,8 +424,9 @@ def xsum_with_pretraining_dict(corpus):
     return raw / "bin"
 
 
-@pytest.mark.parametrize("mode, extra", [("soft", []), ("hard", []), ("soft", ["--output-loss", "ctc", "--glance", "0.5"])],
-                         ids=["soft", "hard", "soft-ctc-glance"])
+@pytest.mark.parametrize("mode, extra", [("soft", []), ("hard", []), ("soft", ["--output-loss", "ctc", "--glance", "0.5"]),
+                                         ("soft", ["--length-head", "--glance", "0.5"])],
+                         ids=["soft", "hard", "soft-ctc-glance", "soft-length-head-glance"])
 def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_pretraining_dict, tmp_path, mode, extra):
     proc = run_cli("fairseq-train", xsum_with_pretraining_dict, "--user-dir", USER_DIR, "--task", "elmer_translation",
                    *TINY, "--exit-mode", mode, *extra, "--finetune-from-model", pretrained["checkpoint"],
@@ -436,7 +437,11 @@ def test_a_pretrained_checkpoint_initializes_fine_tuning(pretrained, xsum_with_p
     before = torch.load(pretrained["checkpoint"], map_location="cpu")["model"]
     after = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu")
     assert after["cfg"]["model"].exit_mode == mode
-    assert after["cfg"]["model"].output_loss == ("ctc" if extra else "ce")
+    assert after["cfg"]["model"].output_loss == ("ctc" if "ctc" in extra else "ce")
+    # the length head is not in the pretrained model: its embedding starts at zero (lr 1e-12: still that)
+    assert ("decoder.embed_length.weight" in after["model"]) == ("--length-head" in extra)
+    if "--length-head" in extra:
+        assert after["model"]["decoder.embed_length.weight"].abs().max() < 1e-9
     weights = after["model"]
     assert any(key.startswith("encoder.layers.") for key in before)
     for key, value in before.items():  # every pretrained weight, encoder and decoder, carried over
