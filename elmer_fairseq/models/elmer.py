@@ -28,6 +28,14 @@ MASK_SYMBOL = "<mask>"
 GOLD_MIX_PROB = 0.3  # the ELMER authors' fine-tuning code (fine-tune/modeling_bart.py); not in the paper
 OUTPUT_LOSSES = ("ce", "ctc")
 LENGTH_LOSS_FACTOR = 0.1
+# --ramp-precision: the dtype the off-ramps' product runs in when decoding (None: the model's own)
+RAMP_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def ramp_dtype(precision: str) -> Optional[torch.dtype]:
+    if precision not in RAMP_PRECISIONS:
+        raise ValueError(f"--ramp-precision {precision}: one of {', '.join(RAMP_PRECISIONS)}")
+    return RAMP_PRECISIONS[precision]
 
 
 class Decoded(NamedTuple):
@@ -241,14 +249,15 @@ class ElmerModel(TransformerModel):
     def generate(self, src_tokens, src_lengths, length: int,
                  exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                  length_cut: Optional[int] = None, shortlist: Optional[int] = None,
-                 lengths: Optional[Tensor] = None) -> Decoded:
+                 lengths: Optional[Tensor] = None, ramp_dtype: Optional[torch.dtype] = None) -> Decoded:
         """One-pass decoding of T = `length` positions: encoder once, decoder once (its upper
         layers on fewer positions with `length_cut`, its middle off-ramps on fewer tokens with
-        `shortlist`; see ElmerDecoder.decode). `lengths` [B]: the output lengths a length head's
-        decoder is told instead of its own prediction (the reference's, for --oracle-length)."""
+        `shortlist`, its off-ramps' products in `ramp_dtype`; see ElmerDecoder.decode). `lengths`
+        [B]: the output lengths a length head's decoder is told instead of its own prediction (the
+        reference's, for --oracle-length)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         return self.decoder.decode(encoder_out, length, exit_threshold, length_cut=length_cut, blank=self.blank,
-                                   shortlist=shortlist, lengths=lengths)
+                                   shortlist=shortlist, lengths=lengths, ramp_dtype=ramp_dtype)
 
 
 class LPLMPrefix(NamedTuple):
@@ -344,6 +353,7 @@ class ElmerDecoder(TransformerDecoder):
             self.off_ramps = None
         # W in h~ = W [Embed(y); h] (paper eq. 12); only soft exit has it
         self.soft_exit = nn.Linear(2 * self.embed_dim, self.embed_dim, bias=False) if self.exit_mode == "soft" else None
+        self.low_precision_ramps = {}  # off_ramp_weight's copies: not parameters, not saved
         self.embed_length = self.length_out = None
         if getattr(args, "length_head", False):
             classes = args.max_target_positions + 1  # lengths 0..max, EOS included
@@ -351,8 +361,17 @@ class ElmerDecoder(TransformerDecoder):
             self.embed_length = nn.Embedding(classes, self.embed_dim)
             nn.init.zeros_(self.embed_length.weight)  # the [MASK] inputs a warm start's layers were trained on
 
-    def off_ramp_weight(self, layer: int) -> Tensor:
-        return self.output_projection.weight if self.off_ramps is None else self.off_ramps[layer].weight
+    def off_ramp_weight(self, layer: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Layer `layer`'s off-ramp matrix [V, d], or a copy in `dtype` made once and kept while the
+        weight is unchanged (decoding reads it at every layer of every batch)."""
+        weight = self.output_projection.weight if self.off_ramps is None else self.off_ramps[layer].weight
+        if dtype is None or dtype == weight.dtype:
+            return weight
+        key, stamp = (-1 if self.off_ramps is None else layer), (weight.data_ptr(), weight._version, dtype)
+        cached = self.low_precision_ramps.get(key)
+        if cached is None or cached[0] != stamp:  # moved, trained or another dtype since
+            cached = self.low_precision_ramps[key] = (stamp, weight.detach().to(dtype))
+        return cached[1]
 
     def embed(self, prev_output_tokens: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """[B, T] tokens -> [T, B, C] decoder input: word + learned position embeddings, and with a
@@ -497,9 +516,14 @@ class ElmerDecoder(TransformerDecoder):
                exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                forced_exits: Optional[Tensor] = None, length_cut: Optional[int] = None,
                blank: Optional[int] = None, shortlist: Optional[int] = None,
-               lengths: Optional[Tensor] = None) -> Decoded:
+               lengths: Optional[Tensor] = None, ramp_dtype: Optional[torch.dtype] = None) -> Decoded:
         """One pass over T = `length` [MASK] positions with the model's exit mode (a decoder with a
         length head is told `lengths` [B], or its own prediction; see mask_input).
+
+        `ramp_dtype` (None: the model's dtype, the paper's): every off-ramp's product runs in this
+        dtype, on a copy of the matrix made once (off_ramp_weight); the reductions over the
+        vocabulary stay float32 (the op's contract). On a CPU with bf16 instructions a bf16
+        off-ramp costs about half of an fp32 one; outputs can differ where two tokens are close.
 
         Hard exit runs each layer's queries, attention and FFN on the positions still in flight
         only; the exited ones keep the state they exited with and serve as keys and values, so
@@ -533,15 +557,16 @@ class ElmerDecoder(TransformerDecoder):
             if self.exit_mode != "soft" or not shortlist >= 1 or L < 3:
                 raise ValueError(f"--ramp-shortlist {shortlist}: a number >= 1 of candidates for the middle off-ramps "
                                  f"of a soft-exit decoder with >= 3 layers (this one: {self.exit_mode}, {L} layers)")
+        low = (lambda t: t) if ramp_dtype is None else (lambda t: t.to(ramp_dtype))
         if self.exit_mode == "soft":
             first, candidates = None, None  # layer 1's predictions at every position; the shortlist
             for l in range(L):
                 h = self.run_layer(l, x, encoder_out)
-                weight = self.off_ramp_weight(l)
+                weight = self.off_ramp_weight(l, ramp_dtype)
                 if candidates is not None and l < L - 1:  # the next layer reads the argmax, nothing else
-                    x = self.fuse(shortlist_argmax(h, weight, candidates), h)
+                    x = self.fuse(shortlist_argmax(low(h), weight, candidates), h)
                     continue
-                flat = h.reshape(M, -1)
+                flat = low(h.reshape(M, -1))
                 ramp, top = off_ramp_top(flat, weight, shortlist) if l == 0 and shortlist else (off_ramp(flat, weight, 0.0), None)
                 tokens = ramp.token.view(length, bsz)
                 if l == 0 and cut:
@@ -575,7 +600,7 @@ class ElmerDecoder(TransformerDecoder):
                 state.index_copy_(0, active, self.run_layer(l, x, encoder_out, active))
             # the last layer predicts whatever is left, confident or not
             signal, threshold = exit_policy.layer_rule(exit_threshold, l, L)
-            ramp = off_ramp(state, self.off_ramp_weight(l), threshold, active, signal=signal)  # either rule, fused
+            ramp = off_ramp(low(state), self.off_ramp_weight(l, ramp_dtype), threshold, active, signal=signal)  # fused
             exits = ramp.exit
             if forced_exits is not None and l < L - 1:
                 exits = forced_exits[active] == l + 1

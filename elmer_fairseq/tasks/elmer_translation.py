@@ -76,6 +76,14 @@ class ElmerTranslationConfig(TranslationConfig):
                           "Faster where an off-ramp costs its matrix's bytes (CPU, batch 1); a middle layer whose "
                           "argmax lies outside the union reads another token, so outputs can differ. Default: off"},
     )
+    ramp_precision: str = field(
+        default="fp32",
+        metadata={"help": "generation: the dtype of the off-ramps' products, fp32 (the model's, the paper's) or bf16: "
+                          "a bf16 copy of the off-ramp matrix, made once, and the layer's states rounded to bf16; "
+                          "argmax, probability and entropy still in fp32. About 2x faster off-ramps on a CPU with "
+                          "bf16 instructions (AVX512-BF16, AMX) and on GPUs; where two tokens are close the "
+                          "argmax can differ (docs/speed.md measures how often)"},
+    )
     seed: int = II("common.seed")
 
 
@@ -262,7 +270,8 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         prepare_off_ramp(next(models[0].parameters()).device)  # a JIT build must not land in timed decoding
         return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, policy.threshold,
                               oracle_length=self.cfg.oracle_length, policy=policy.describe(),
-                              length_cut=self.cfg.length_cut, shortlist=self.cfg.ramp_shortlist)
+                              length_cut=self.cfg.length_cut, shortlist=self.cfg.ramp_shortlist,
+                              ramp_precision=self.cfg.ramp_precision)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
