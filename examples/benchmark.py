@@ -132,7 +132,13 @@ def systems(args) -> dict:
     soft_rows = {"ELMER-Soft": elmer_gen, f"ELMER-Soft, --length-cut {LENGTH_CUT}": elmer_gen + cut}
     layers = elmer_layers(args)
     if layers is None or layers >= 3:  # a decoder of fewer has no middle off-ramp to shortlist
-        soft_rows[f"ELMER-Soft, --ramp-shortlist {SHORTLIST}"] = elmer_gen + ["--ramp-shortlist", str(SHORTLIST)]
+        shortlist = ["--ramp-shortlist", str(SHORTLIST)]
+        soft_rows[f"ELMER-Soft, --ramp-shortlist {SHORTLIST}"] = elmer_gen + shortlist
+        # every decoding shortcut at once: the fastest ELMER decodes (docs/speed.md)
+        fast = shortlist + ["--ramp-precision", "bf16"]
+        soft_rows[f"ELMER-Soft, --ramp-shortlist {SHORTLIST} --ramp-precision bf16"] = elmer_gen + fast
+        soft_rows[f"ELMER-Soft, --length-cut {LENGTH_CUT} --ramp-shortlist {SHORTLIST} --ramp-precision bf16"] = \
+            elmer_gen + cut + fast
     if not ctc:  # reads the reference's length: comparable with the paper's rows, not a result
         soft_rows["ELMER-Soft, oracle T (authors' test protocol)"] = elmer_gen + ["--oracle-length"]
     elmer_soft = System("elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"), soft_rows)
