@@ -236,9 +236,14 @@ def test_a_ctc_variant_has_no_oracle_length_row_and_every_elmer_system_a_length_
     paper = harness.systems(harness.parse_args([]))
     ctc = harness.systems(harness.parse_args(["--elmer-options=--output-loss ctc --glance 0.5"]))
     assert "ELMER-Soft, oracle T (authors' test protocol)" in paper["elmer-soft"].rows
-    assert list(ctc["elmer-soft"].rows) == ["ELMER-Soft", "ELMER-Soft, --length-cut 2", "ELMER-Soft, --ramp-shortlist 64"]
+    fast = ["ELMER-Soft, --ramp-shortlist 64 --ramp-precision bf16",
+            "ELMER-Soft, --length-cut 2 --ramp-shortlist 64 --ramp-precision bf16"]
+    assert list(ctc["elmer-soft"].rows) == ["ELMER-Soft", "ELMER-Soft, --length-cut 2", "ELMER-Soft, --ramp-shortlist 64",
+                                            *fast]
+    assert ctc["elmer-soft"].rows[fast[1]][-6:] == ["--length-cut", "2", "--ramp-shortlist", "64", "--ramp-precision",
+                                                    "bf16"]
     shallow = harness.systems(harness.parse_args(["--layers", "2"]))
-    assert "ELMER-Soft, --ramp-shortlist 64" not in shallow["elmer-soft"].rows
+    assert not {"ELMER-Soft, --ramp-shortlist 64", *fast} & set(shallow["elmer-soft"].rows)
     assert ctc["elmer-hard"].rows["ELMER-Hard (delta=0.5), --length-cut 2"][-2:] == ["--length-cut", "2"]
 
 
