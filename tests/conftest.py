@@ -170,6 +170,21 @@ def expect_failure(tool, argv, *needles, env=None):
     return proc.stdout
 
 
+def assert_entry_points_agree(data, ckpt, expected, capsys, cli_flags, **api_options):
+    """elmer-generate with `cli_flags` and ELMER.generate with `api_options`, on the test sources at
+    batch 3, write fairseq-generate's hypotheses `expected` ({sample id: text})."""
+    from elmer_fairseq import ELMER, cli
+
+    sources = data.parent / "test.src"
+    cli.main(["--path", str(ckpt), "--data", str(data), "--input", str(sources), "--batch-size", "3",
+              "--device", "cpu", *cli_flags])
+    assert capsys.readouterr().out.splitlines() == [expected[i] for i in range(len(expected))]
+    model = ELMER.from_pretrained(ckpt, data=data, device="cpu")
+    lines = sources.read_text(encoding="utf-8").splitlines()
+    assert model.generate(lines, batch_size=3, **api_options) == [expected[i] for i in range(len(expected))]
+    return model
+
+
 def sample_batch(task, split="test", size=4):
     task.load_dataset(split)
     dataset = task.dataset(split)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from elmer_fairseq import ELMER, cli
 from elmer_fairseq.generator import ElmerGenerator
 from elmer_fairseq.models import elmer
 
-from conftest import expect_failure, generate_args, hypotheses, run_cli, sample_batch, tiny_model, train_args
+from conftest import (assert_entry_points_agree, expect_failure, generate_args, hypotheses, run_cli, sample_batch,
+                      tiny_model, train_args)
 
 
 def encode(model, batch):
@@ -76,12 +76,6 @@ def test_fairseq_generate_elmer_generate_and_the_api_in_bf16(xsum_tiny, tmp_path
     assert len(low) == 8
     expect_failure("fairseq-generate", generate_args(xsum_tiny, ckpt, "--ramp-precision", "fp16"),
                    "--ramp-precision fp16: one of fp32, bf16")
-    sources = xsum_tiny.parent / "test.src"
-    cli.main(["--path", str(ckpt), "--data", str(xsum_tiny), "--input", str(sources), "--batch-size", "3",
-              "--device", "cpu", "--ramp-precision", "bf16"])
-    assert capsys.readouterr().out.splitlines() == [low[i] for i in range(8)]
-    model = ELMER.from_pretrained(ckpt, data=xsum_tiny, device="cpu")
-    lines = sources.read_text(encoding="utf-8").splitlines()
-    assert model.generate(lines, batch_size=3, ramp_precision="bf16") == [low[i] for i in range(8)]
+    model = assert_entry_points_agree(xsum_tiny, ckpt, low, capsys, ["--ramp-precision", "bf16"], ramp_precision="bf16")
     with pytest.raises(ValueError, match="--ramp-precision int8"):
         ElmerGenerator(model.tgt_dict, 12, 0.0, summary=False, ramp_precision="int8")

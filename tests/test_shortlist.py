@@ -4,11 +4,11 @@ import sys
 import pytest
 import torch
 
-from elmer_fairseq import ELMER, cli
 from elmer_fairseq.generator import ElmerGenerator
 from elmer_fairseq.models.elmer import ElmerDecoder
 
-from conftest import ROOT, expect_failure, generate_args, hypotheses, run_cli, sample_batch, tiny_model, train_args
+from conftest import (ROOT, assert_entry_points_agree, expect_failure, generate_args, hypotheses, run_cli,
+                      sample_batch, tiny_model, train_args)
 
 sys.path.insert(0, str(ROOT / "examples"))  # examples/ is a folder of scripts, as in test_benchmark
 import shortlist_check  # noqa: E402
@@ -80,13 +80,7 @@ def test_fairseq_generate_elmer_generate_and_the_api_with_a_shortlist(xsum_tiny,
     assert len(listed) == len(plain) == 8
     expect_failure("fairseq-generate", generate_args(xsum_tiny, ckpt, "--ramp-shortlist", "0"), "--ramp-shortlist 0")
     # elmer-generate and the Python API take it too, to fairseq-generate's outputs
-    sources = xsum_tiny.parent / "test.src"
-    cli.main(["--path", str(ckpt), "--data", str(xsum_tiny), "--input", str(sources), "--batch-size", "3",
-              "--device", "cpu", "--ramp-shortlist", "2"])
-    assert capsys.readouterr().out.splitlines() == [listed[i] for i in range(8)]
-    model = ELMER.from_pretrained(ckpt, data=xsum_tiny, device="cpu")
-    lines = sources.read_text(encoding="utf-8").splitlines()
-    assert model.generate(lines, batch_size=3, shortlist=2) == [listed[i] for i in range(8)]
+    assert_entry_points_agree(xsum_tiny, ckpt, listed, capsys, ["--ramp-shortlist", "2"], shortlist=2)
     # examples/shortlist_check.py: a shortlist of the whole vocabulary keeps every output
     shortlist_check.main(["--path", str(ckpt), "--data", str(xsum_tiny), "--samples", "4", "--warmup", "0",
                           "--shortlists", "100000", "--length-cuts", "100"])
