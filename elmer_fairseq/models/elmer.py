@@ -550,7 +550,7 @@ class ElmerDecoder(TransformerDecoder):
         predicted = None
         if self.embed_length is not None and lengths is None:
             lengths, predicted = self.predicted_lengths(encoder_out, length)
-        x = self.mask_input(encoder_out, length, lengths)  # [T, B, C]
+        x = self.embed(masks, lengths)  # [T, B, C]
         M = length * bsz
         cut = length_cut is not None and L > 1
         if shortlist is not None:
