@@ -24,7 +24,8 @@ levenshtein_transformer` output (docs/converting.md), and data binarized with it
 (examples/TASK/prepare.py --tokenizer). Every system then fine-tunes from the same converted
 weights (DIR/model.pt for ELMER, DIR/ARCH.pt for the baselines) at the converted model's size.
 Data with a tokenizer.json is decoded to text with its WordPiece; an uncased one (MiniLM) has its
-references lowercased before scoring, and the table's header says so.
+references lowercased before scoring, and the table's header says so. --elmer-from CKPT fine-tunes
+the ELMER systems from a trained ELMER checkpoint instead (a second stage, e.g. CTC after ce).
 
     python examples/benchmark.py --data data/bench/boolq/bin --out results/benchmark/boolq [--device cuda]
 
@@ -179,9 +180,14 @@ def converted_model(path: Path) -> argparse.Namespace:
 def elmer_layers(args) -> Optional[int]:
     """ELMER's decoder depth: --layers, or the converted model's with --warm-start (None: not known yet)."""
     if args.warm_start:
-        path = args.warm_start / "model.pt"
+        path = weights_of("model.pt", args)
         return converted_model(path).decoder_layers if path.is_file() else None
     return args.layers
+
+
+def weights_of(converted: str, args) -> Path:
+    """What a system fine-tunes from with --warm-start: DIR/CONVERTED, or for ELMER --elmer-from's checkpoint."""
+    return args.elmer_from if converted == "model.pt" and args.elmer_from else args.warm_start / converted
 
 
 def model_flags(system: System, args) -> list:
@@ -189,7 +195,7 @@ def model_flags(system: System, args) -> list:
     or with --warm-start the converted checkpoint's architecture, loaded by --finetune-from-model."""
     if not args.warm_start:
         return ["--arch", system.arch, *size_flags(args)]
-    path = args.warm_start / system.converted
+    path = weights_of(system.converted, args)
     model = converted_model(path)
     defaults = argparse.Namespace()
     ARCH_CONFIG_REGISTRY[model.arch](defaults)
@@ -486,8 +492,15 @@ def check(chosen, args):
             sys.exit(f"--elmer-options: not with {s.name} (its LPLM pretraining would not match); run it separately")
         if args.warm_start and not s.converted:
             sys.exit(f"--warm-start: not with {s.name}, which starts from its own pretraining")
-        if args.warm_start and not (args.warm_start / s.converted).is_file():
+        if args.warm_start and not weights_of(s.converted, args).is_file():
+            if args.elmer_from and s.converted == "model.pt":
+                sys.exit(f"--elmer-from {args.elmer_from}: no such checkpoint")
             sys.exit(f"--warm-start {args.warm_start}: no {s.converted} for {s.name} (elmer-convert --for ...)")
+    if args.elmer_from and args.elmer_from.is_file():
+        task = torch.load(args.elmer_from, map_location="cpu", weights_only=False)["cfg"]["task"]
+        if task["_name"] != "elmer_translation":
+            sys.exit(f"--elmer-from {args.elmer_from}: a {task['_name']} checkpoint; it takes an ELMER fine-tuned "
+                     f"with --task elmer_translation")
     vocab = args.warm_start / "dict.txt" if args.warm_start else None
     if vocab and vocab.is_file() and symbols(vocab) != symbols(args.data / "dict.src.txt"):
         sys.exit(f"--warm-start {args.warm_start}: --data {args.data} was binarized with another vocabulary than "
@@ -601,6 +614,7 @@ def report(results, sweeps, chosen, args, refs, lowercased):
               f"(train {split.get('pairs', {}).get('train', '?')} pairs); {size}; {args.updates} updates of "
               f"<= {args.max_tokens} tokens per system; {hw}; latency: batch size 1, median after "
               f"{args.warmup_samples} warm-up samples"
+              + (f"; ELMER fine-tuned from {args.elmer_from}" if args.elmer_from else "")
               + (f"; ELMER trained with {args.elmer_options}" if args.elmer_options else "")
               + ("; references lowercased for scoring (the data's tokenizer.json is uncased)" if lowercased else ""))
     write_tables(results, sweeps, args, header)
@@ -617,6 +631,10 @@ def parse_args(argv=None):
                    help="fine-tune every system from an elmer-convert --for transformer cmlm_transformer "
                         "levenshtein_transformer output (DIR/model.pt, DIR/ARCH.pt), at its size; the data binarized "
                         "with its dict.txt (docs/converting.md)")
+    p.add_argument("--elmer-from", type=Path, metavar="CKPT",
+                   help="with --warm-start: the ELMER systems fine-tune from this trained ELMER checkpoint instead of "
+                        "DIR/model.pt, the baselines still from DIR (a recipe in two stages, e.g. ce with glancing, "
+                        "then --elmer-options='--output-loss ctc'; its updates come on top of CKPT's)")
     p.add_argument("--layers", type=int, help="encoder and decoder layers of every system (default: 3)")
     p.add_argument("--dim", type=int, help="model width of every system, FFN 4x (default: 256)")
     p.add_argument("--heads", type=int, help="attention heads of every system (default: 4)")
@@ -653,6 +671,8 @@ def parse_args(argv=None):
                   f"without distillation or pretraining)")
     args = p.parse_args(argv)
     sizes = {"layers": 3, "dim": 256, "heads": 4}
+    if args.elmer_from and not args.warm_start:
+        p.error("--elmer-from: only with --warm-start (the baselines' weights and the vocabulary come from there)")
     if args.warm_start:
         given = [f"--{key}" for key in sizes if getattr(args, key) is not None]
         if given:

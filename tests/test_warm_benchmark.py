@@ -95,3 +95,27 @@ def test_warm_start_refuses_what_it_cannot_run(converted, tmp_path):
         f"--warm-start {partial}: --data {data / 'bin'} was binarized with another vocabulary than {partial / 'dict.txt'} "
         f"(examples/TASK/prepare.py --dict {partial / 'dict.txt'})")
     assert not (tmp_path / "out").exists()
+
+
+def test_elmer_from_fine_tunes_elmer_from_a_checkpoint_and_refuses_what_is_not_one(converted, tmp_path, wordnet):
+    data, ckpt = converted
+    trained = tmp_path / "stage-one.pt"  # any ELMER checkpoint of the converted model's vocabulary
+    trained.write_bytes((ckpt / "model.pt").read_bytes())
+    out = tmp_path / "two-stage"
+    proc = warm_benchmark(data, ckpt, out, "elmer-soft", wordnet=wordnet,
+                          extra=("--elmer-from", trained, "--elmer-options=--output-loss ctc"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "logs" / "train-elmer-soft.log").read_text()
+    assert f"loading pretrained model from {trained}" in log and "output_loss='ctc'" in log
+    assert f"ELMER fine-tuned from {trained}" in (out / "results.md").read_text().splitlines()[0]
+
+    assert refusal(data, ckpt, tmp_path / "out", "--systems", "elmer-soft", "--elmer-from", tmp_path / "none.pt") == (
+        f"--elmer-from {tmp_path / 'none.pt'}: no such checkpoint")
+    assert refusal(data, ckpt, tmp_path / "out", "--systems", "elmer-soft", "--elmer-from", ckpt / "transformer.pt") == (
+        f"--elmer-from {ckpt / 'transformer.pt'}: a translation checkpoint; it takes an ELMER fine-tuned with "
+        f"--task elmer_translation")
+    cold = subprocess.run([sys.executable, ROOT / "examples" / "benchmark.py", "--data", data / "bin",
+                           "--elmer-from", trained, "--out", tmp_path / "out"], capture_output=True, text=True)
+    assert cold.returncode != 0 and cold.stderr.splitlines()[-1].endswith(
+        "--elmer-from: only with --warm-start (the baselines' weights and the vocabulary come from there)")
+    assert not (tmp_path / "out").exists()
