@@ -248,6 +248,25 @@ def test_fairseq_train_and_generate_with_ctc_and_glancing(xsum_tiny, tmp_path):
     assert "ELMER exit layers over" in gen.stdout and "decoder positions" in gen.stdout
 
 
+def test_ctc_stage_fine_tunes_from_a_ce_checkpoint(xsum_tiny, tmp_path):
+    """The two-stage recipe (docs/one-pass.md): a ce ELMER, then CTC from its weights."""
+    ce = tmp_path / "ce"
+    run_cli("fairseq-train", *train_args(xsum_tiny, ce, "--exit-mode", "soft", updates=2))
+    stage_one = torch.load(ce / "checkpoint_last.pt", weights_only=False)
+    assert stage_one["cfg"]["model"].output_loss == "ce"
+    run = run_cli("fairseq-train", *train_args(xsum_tiny, tmp_path / "ctc", "--exit-mode", "soft", *CTC,
+                                               "--glance", "0.3", "--finetune-from-model",
+                                               ce / "checkpoint_last.pt", updates=1))
+    assert f"loading pretrained model from {ce / 'checkpoint_last.pt'}" in run.stdout
+    stage_two = torch.load(tmp_path / "ctc" / "checkpoint_last.pt", weights_only=False)
+    assert stage_two["cfg"]["model"].output_loss == "ctc"
+    assert stage_two["optimizer_history"][-1]["num_updates"] == 1  # a new run, not stage one resumed
+    changed = [k for k, w in stage_one["model"].items() if not torch.equal(w, stage_two["model"][k])]
+    assert changed and set(stage_two["model"]) == set(stage_one["model"])  # the same parameters, trained on
+    gen = run_cli("fairseq-generate", *generate_args(xsum_tiny, tmp_path / "ctc" / "checkpoint_last.pt"))
+    assert len(hypotheses(gen.stdout)) == 8 and "<mask>" not in "".join(hypotheses(gen.stdout).values())
+
+
 @pytest.mark.parametrize("extra, needle", [
     (("--glance", "1.5"), "--glance 1.5: ratios must be in [0, 1]"),
     (("--glance", "0.5:0.3"), "--max-update"),  # the tiny model has none to anneal over
