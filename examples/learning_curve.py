@@ -8,6 +8,8 @@ update counts read as one curve: does a system write better with more training, 
         [--systems ELMER-Soft "ELMER-Soft + KD"] [--out results/learning-curve]
 
 A label names a training recipe and may be given several run folders (its runs at different updates).
+A second stage (benchmark.py --elmer-from CKPT) counts its updates from 0: --after LABEL=N puts that
+recipe's points at N + its own updates, the updates of the model it started from included.
 Writes OUT/learning_curve.csv (one line per recipe, system and update count), OUT/learning_curve.png
 (ROUGE-L and the share of outputs repeating a word against updates, one line per recipe and system)
 and prints the table as markdown. Rows of older runs that lack a metric (length_r) leave it empty.
@@ -34,8 +36,20 @@ def parse_runs(items):
     return runs
 
 
-def load_run(recipe: str, run: Path):
-    """The rows of one benchmark run folder, as CSV lines of that recipe."""
+def parse_after(items):
+    """{recipe: updates before its runs} from LABEL=N items."""
+    after = {}
+    for item in items:
+        label, _, updates = item.partition("=")
+        if not label or not updates.isdigit():
+            raise SystemExit(f"--after {item!r}: expected LABEL=N (a recipe's name, '=', the updates of the "
+                             f"checkpoint its runs started from)")
+        after[label] = int(updates)
+    return after
+
+
+def load_run(recipe: str, run: Path, before: int = 0):
+    """The rows of one benchmark run folder, as CSV lines of that recipe, `before` updates added."""
     rows_dir = run / "rows"
     if not rows_dir.is_dir():
         raise SystemExit(f"{run}: no rows/ folder: is it an examples/benchmark.py output folder?")
@@ -48,14 +62,19 @@ def load_run(recipe: str, run: Path):
         if "system" not in row or "updates" not in row:
             raise SystemExit(f"{path}: a row needs 'system' and 'updates'")
         # .get: rows written before a metric existed (length_r) lack it; missing, not zero
-        lines.append({"recipe": recipe, "system": row["system"], "updates": int(row["updates"]),
+        lines.append({"recipe": recipe, "system": row["system"], "updates": before + int(row["updates"]),
                       **{m: row.get(m) for m in METRICS}, "run": str(run)})
     return lines
 
 
-def collect(runs, systems=None):
-    """Every run's rows (only the named systems, if any), sorted by recipe, system and updates."""
-    lines = [line for recipe, run in runs for line in load_run(recipe, run)]
+def collect(runs, systems=None, after=None):
+    """Every run's rows (only the named systems, if any), sorted by recipe, system and updates;
+    `after`: {recipe: updates its runs started from}."""
+    after = after or {}
+    unknown = sorted(set(after) - {recipe for recipe, _ in runs})
+    if unknown:
+        raise SystemExit(f"--after: {unknown} name no recipe of --runs")
+    lines = [line for recipe, run in runs for line in load_run(recipe, run, after.get(recipe, 0))]
     if systems:
         missing = [name for name in systems if name not in {line["system"] for line in lines}]
         if missing:
@@ -127,9 +146,12 @@ def main(argv=None):
     p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR",
                    help="benchmark run folders, each under its recipe's label (a label may name several)")
     p.add_argument("--systems", nargs="+", metavar="NAME", help="only these rows (exact names; default: every row)")
+    p.add_argument("--after", nargs="+", default=[], metavar="LABEL=N",
+                   help="the runs of recipe LABEL are a second stage, fine-tuned from a checkpoint of N updates "
+                        "(benchmark.py --elmer-from): their points sit at N + their own updates")
     p.add_argument("--out", type=Path, default=Path("results/learning-curve"), help="folder for the CSV and the plot")
     args = p.parse_args(argv)
-    lines = collect(parse_runs(args.runs), args.systems)
+    lines = collect(parse_runs(args.runs), args.systems, parse_after(args.after))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(lines, args.out / "learning_curve.csv")
     plot(lines, args.out / "learning_curve.png")

@@ -109,3 +109,16 @@ def test_same_point_in_two_runs_names_both(runs, tmp_path):
         learning_curve.main(["--runs", f"paper={runs['paper-600']}", f"paper={again}", "--out", str(tmp_path / "lc")])
     assert str(runs["paper-600"]) in str(failure.value) and str(again) in str(failure.value)
     assert not (tmp_path / "lc").exists()  # nothing written on a failed run
+
+
+def test_after_counts_a_second_stage_from_the_updates_it_started_from(runs, tmp_path):
+    stage = run_folder(tmp_path, "then-ctc-300", row("ELMER-Soft + KD", 300, 26.3, 0.0))
+    out = tmp_path / "lc"
+    learning_curve.main(["--runs", f"glance+KD={runs['kd-600']}", f"glance+KD, then CTC={stage}",
+                         "--after", "glance+KD, then CTC=600", "--out", str(out)])
+    assert [(r["recipe"], r["updates"]) for r in read_csv(out)] == [("glance+KD", "600"),
+                                                                    ("glance+KD, then CTC", "900")]
+    with pytest.raises(SystemExit, match=r"--after: \['CTC'\] name no recipe"):
+        learning_curve.main(["--runs", f"glance+KD={runs['kd-600']}", "--after", "CTC=600", "--out", str(out)])
+    with pytest.raises(SystemExit, match="expected LABEL=N"):
+        learning_curve.main(["--runs", f"glance+KD={runs['kd-600']}", "--after", "glance+KD=six", "--out", str(out)])
