@@ -99,7 +99,8 @@ def distilled(student: System, teacher: System) -> System:
     """`student` trained on `teacher`'s outputs: same options, its rows marked "+ KD"."""
     # an oracle-length row reads the reference's length: a protocol comparison, not repeated here
     rows = {f"{row} + KD": gen for row, gen in student.rows.items() if "--oracle-length" not in gen}
-    return System(f"{student.name}-kd", student.arch, student.converted, student.train, rows, teacher=teacher.name)
+    return System(f"{student.name}-kd", student.arch, student.converted, student.train, rows, teacher=teacher.name,
+                  sweep=student.sweep)
 
 
 def systems(args) -> dict:

@@ -247,6 +247,12 @@ def test_a_ctc_variant_has_no_oracle_length_row_and_every_elmer_system_a_length_
     assert ctc["elmer-hard"].rows["ELMER-Hard (delta=0.5), --length-cut 2"][-2:] == ["--length-cut", "2"]
 
 
+def test_a_distilled_system_keeps_its_students_delta_sweep():
+    table = harness.systems(harness.parse_args([]))
+    assert table["elmer-hard-kd"].sweep == table["elmer-hard"].sweep and table["elmer-hard"].sweep
+    assert table["elmer-hard-kd"].teacher == "transformer" and table["elmer-soft-kd"].sweep is None
+
+
 def test_elmer_options_train_an_elmer_variant_in_the_same_harness(bench_data, tmp_path, wordnet):
     out = tmp_path / "deep"
     proc = benchmark(bench_data, out, "elmer-hard", "cmlm", wordnet=wordnet, extra=["--elmer-options=--decoder-layers 3 --eos-after-end --dropout 0.3"])
