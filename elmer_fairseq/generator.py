@@ -130,6 +130,8 @@ class ElmerGenerator:
                 "positional_scores": scores,
                 "exit_layers": out.exit_layer[i][keep[i]],
                 "position_exit_layers": out.exit_layer[i],  # every decoder position's, written or not
+                # what each position wrote, before the EOS cut (and CTC's merge): how the output is laid out
+                "position_tokens": tokens[i],
                 "attention": None,
                 "alignment": None,
             }])

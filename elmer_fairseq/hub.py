@@ -79,7 +79,8 @@ class ELMER(GeneratorHubInterface):
         the checkpoint's); exit_thresholds, instead of it, a file of calibrated per-layer thresholds
         (elmer-calibrate).
         With return_details, each result is a dict: text, tokens, exit_layers and scores (per output
-        token), position_exit_layers (per decoder position: with CTC, blanks and merged repeats too).
+        token), position_exit_layers and position_tokens (per decoder position, what it wrote: with CTC,
+        blanks and merged repeats too; past the EOS too)).
         names: what errors and warnings call each input (default "input i", 0-based).
         length_cut: a margin: the decoder's upper layers run on the positions layer 1 says the
         outputs need plus it (None: all T positions, the paper's; see ElmerDecoder.decode).
@@ -114,5 +115,6 @@ class ELMER(GeneratorHubInterface):
             text = self.decode(hypo["tokens"])
             out.append(text if not return_details else {
                 "text": text, "tokens": hypo["tokens"].cpu(), "exit_layers": hypo["exit_layers"].cpu(),
-                "scores": hypo["positional_scores"].cpu(), "position_exit_layers": hypo["position_exit_layers"].cpu()})
+                "scores": hypo["positional_scores"].cpu(), "position_exit_layers": hypo["position_exit_layers"].cpu(),
+                "position_tokens": hypo["position_tokens"].cpu()})
         return out

@@ -44,6 +44,10 @@ def test_python_api_returns_what_fairseq_generate_returns(xsum_tiny, trained, mo
         assert model.generate(sources, batch_size=batch_size) == [expected[i] for i in range(len(sources))]
     details = model.generate(sources[:2], return_details=True)
     assert details[0]["exit_layers"].shape == details[0]["tokens"].shape
+    # every position's token, past the output's end too: the output is their prefix up to the first EOS
+    written = details[0]["position_tokens"].tolist()
+    assert len(written) == model.task.cfg.max_target_length and written[:len(details[0]["tokens"])] == \
+        details[0]["tokens"].tolist()
     with pytest.raises(ValueError, match="fine-tuned with"):
         model.generate(sources, exit_mode="hard" if mode == "soft" else "soft")
 

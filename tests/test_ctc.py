@@ -164,6 +164,7 @@ def test_ctc_terms_train_every_layer_and_generation_collapses(xsum_tiny, mode):
         assert model.blank not in h[0]["tokens"].tolist()
         assert h[0]["exit_layers"].tolist() == out.exit_layer[i][keep].tolist()
         assert len(h[0]["position_exit_layers"]) == 12
+        assert h[0]["position_tokens"].tolist() == out.tokens[i].tolist()  # before the merge, blanks included
 
 
 def test_glancing_is_training_only_and_reveals_reference_tokens(xsum_tiny, monkeypatch):
