@@ -171,11 +171,16 @@ def size_flags(args):
 
 
 @lru_cache(maxsize=None)
-def converted_model(path: Path) -> argparse.Namespace:
-    """The model options an elmer-convert output was built with."""
+def checkpoint_cfg(path: Path) -> dict:
+    """A checkpoint's fairseq config (read once: a checkpoint is hundreds of MB)."""
     if not path.is_file():
         raise FileNotFoundError(f"--warm-start {path.parent}: no {path.name} (elmer-convert --for ...)")
-    return torch.load(path, map_location="cpu")["cfg"]["model"]
+    return torch.load(path, map_location="cpu")["cfg"]
+
+
+def converted_model(path: Path) -> argparse.Namespace:
+    """The model options an elmer-convert output (or --elmer-from's checkpoint) was built with."""
+    return checkpoint_cfg(path)["model"]
 
 
 def elmer_layers(args) -> Optional[int]:
@@ -493,12 +498,13 @@ def check(chosen, args):
             sys.exit(f"--elmer-options: not with {s.name} (its LPLM pretraining would not match); run it separately")
         if args.warm_start and not s.converted:
             sys.exit(f"--warm-start: not with {s.name}, which starts from its own pretraining")
-        if args.warm_start and not weights_of(s.converted, args).is_file():
-            if args.elmer_from and s.converted == "model.pt":
+        weights = weights_of(s.converted, args) if args.warm_start else None
+        if weights and not weights.is_file():
+            if weights == args.elmer_from:
                 sys.exit(f"--elmer-from {args.elmer_from}: no such checkpoint")
             sys.exit(f"--warm-start {args.warm_start}: no {s.converted} for {s.name} (elmer-convert --for ...)")
     if args.elmer_from and args.elmer_from.is_file():
-        task = torch.load(args.elmer_from, map_location="cpu")["cfg"]["task"]  # the plugin's allow-list: safe loading
+        task = checkpoint_cfg(args.elmer_from)["task"]
         if task["_name"] != "elmer_translation":
             sys.exit(f"--elmer-from {args.elmer_from}: a {task['_name']} checkpoint; it takes an ELMER fine-tuned "
                      f"with --task elmer_translation")
