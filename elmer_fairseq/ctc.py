@@ -3,9 +3,11 @@ Helcl 2018, Gu & Kong 2021): the decoder writes T >= |y| positions, each a token
 and the output is what is left after merging repeats and dropping blanks. The loss sums over
 every alignment of y to the T positions, so no position has to know where the output ends.
 
-ELMER's blank is its [MASK] symbol: the decoder reads [MASK] at every position and may write it
-back where nothing goes, so no dictionary changes and every checkpoint (converted, pretrained)
-keeps its vocabulary. Targets are y without EOS: length comes from the blanks.
+ELMER's blank is a symbol it already has, so no dictionary changes and every checkpoint
+(converted, pretrained) keeps its vocabulary: [MASK] by default (the decoder reads it at every
+position and may write it back where nothing goes), or EOS (--ctc-blank eos), which an ELMER
+trained with cross-entropy already writes after its output. Targets are y without EOS: length
+comes from the blanks.
 """
 from typing import Tuple
 
@@ -88,7 +90,7 @@ def best_alignment(log_probs: Tensor, labels: Tensor, lengths: Tensor, blank: in
 
 def output_positions(tokens: Tensor, blank: int, eos: int, pad: int) -> Tensor:
     """[B, T] True at the positions whose token is written: merge repeats, drop blanks, and end
-    before the first EOS (a model may write one; CTC targets have none)."""
+    before the first EOS (a model may write one; CTC targets have none) unless EOS is the blank."""
     previous = F.pad(tokens[:, :-1], (1, 0), value=-1)
-    before_eos = tokens.eq(eos).long().cumsum(1) == 0
+    before_eos = (tokens.eq(eos).long().cumsum(1) == 0) | (blank == eos)
     return tokens.ne(blank) & tokens.ne(previous) & tokens.ne(pad) & before_eos

@@ -116,6 +116,15 @@ def test_output_positions_merge_repeats_drop_blanks_and_end_at_eos(tokens, kept)
     assert t[keep].tolist() == kept
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 6), max_size=12))
+def test_output_positions_with_eos_as_the_blank_drop_every_eos_and_end_nowhere(tokens):
+    """--ctc-blank eos: EOS (2) is CTC's blank, so an EOS is dropped and the output goes on after it."""
+    t = torch.tensor([tokens], dtype=torch.long).view(1, -1)
+    keep = ctc.output_positions(t, blank=2, eos=2, pad=1)
+    assert t[keep].tolist() == [x for x in collapse(tokens, blank=2) if x != 1]
+
+
 def test_glance_schedule_anneals_and_refuses_bad_values():
     s = glancing.parse("0.5:0.3", 100)
     assert s.ratio(0) == 0.5 and s.ratio(50) == pytest.approx(0.4) and s.ratio(1000) == pytest.approx(0.3)
@@ -143,9 +152,11 @@ def test_reveal_shows_ratio_times_the_wrong_positions_among_the_valid_ones():
 CTC = ("--output-loss", "ctc")
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_ctc_terms_train_every_layer_and_generation_collapses(xsum_tiny, mode):
-    task, model = tiny_model(xsum_tiny, mode, extra=CTC)
+@pytest.mark.parametrize("mode, blank", [("soft", "mask"), ("hard", "mask"), ("soft", "eos")])
+def test_ctc_terms_train_every_layer_and_generation_collapses(xsum_tiny, mode, blank):
+    task, model = tiny_model(xsum_tiny, mode, extra=(*CTC, "--ctc-blank", blank))
+    d = task.target_dictionary
+    assert model.blank == (d.eos() if blank == "eos" else model.decoder.mask_idx)
     batch = sample_batch(task)
     net = batch["net_input"]
     terms = model(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"], batch["target"])
@@ -161,10 +172,41 @@ def test_ctc_terms_train_every_layer_and_generation_collapses(xsum_tiny, mode):
     for i, h in enumerate(hypos):
         keep = ctc.output_positions(out.tokens[i:i + 1], model.blank, eos, pad)[0]
         assert h[0]["tokens"].tolist() == out.tokens[i][keep].tolist() + [eos]
-        assert model.blank not in h[0]["tokens"].tolist()
+        assert model.blank not in h[0]["tokens"][:-1].tolist()  # the EOS that ends every hypothesis aside
         assert h[0]["exit_layers"].tolist() == out.exit_layer[i][keep].tolist()
         assert len(h[0]["position_exit_layers"]) == 12
         assert h[0]["position_tokens"].tolist() == out.tokens[i].tolist()  # before the merge, blanks included
+
+
+def test_ctc_blank_eos_changes_the_loss_and_the_output(xsum_tiny):
+    """The same weights with [MASK] or EOS as the blank: a different loss, and EOS is an end with
+    one and is dropped, the output going on after it, with the other."""
+    task, mask_model = tiny_model(xsum_tiny, "soft", extra=CTC)
+    _, eos_model = tiny_model(xsum_tiny, "soft", extra=(*CTC, "--ctc-blank", "eos"))
+    eos_model.load_state_dict(mask_model.state_dict())
+    batch = sample_batch(task)
+    net = batch["net_input"]
+    eos, pad = task.target_dictionary.eos(), task.target_dictionary.pad()
+    with torch.no_grad():
+        losses = [m(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"], batch["target"])["layer3"]["loss"]
+                  for m in (mask_model, eos_model)]
+        assert not torch.isclose(losses[0], losses[1])
+        # the untrained model never writes EOS; scaled so, it does at about two positions of three
+        eos_model.decoder.output_projection.weight[eos] *= 8
+        out = eos_model.generate(net["src_tokens"], net["src_lengths"], 12, eos_model.decoder.exit_threshold)
+    written = out.tokens.eq(eos)
+    assert written.any()
+    hypos = ElmerGenerator(task.target_dictionary, 12, eos_model.decoder.exit_threshold,
+                           summary=False).generate([eos_model], batch)
+    ends_at_eos = ctc.output_positions(out.tokens, mask_model.blank, eos, pad)  # EOS an end: [MASK] the blank
+    goes_on = 0
+    for i, h in enumerate(hypos):
+        positions = out.tokens[i].tolist()
+        assert h[0]["tokens"].tolist() == collapse(positions, blank=eos) + [eos]
+        if eos in positions:
+            assert not ends_at_eos[i, positions.index(eos):].any()
+            goes_on += bool(collapse(positions[positions.index(eos):], blank=eos))
+    assert goes_on  # some output has words after an EOS, which only the EOS blank keeps
 
 
 def test_glancing_is_training_only_and_reveals_reference_tokens(xsum_tiny, monkeypatch):
@@ -238,7 +280,8 @@ def test_fairseq_train_and_generate_with_ctc_and_glancing(xsum_tiny, tmp_path):
                                                "--glance", "0.5:0.3", updates=3))
     assert "ctc_unalignable" in run.stdout
     ckpt = tmp_path / "checkpoint_last.pt"
-    assert torch.load(ckpt, weights_only=False)["cfg"]["model"].output_loss == "ctc"
+    model_cfg = torch.load(ckpt, weights_only=False)["cfg"]["model"]
+    assert model_cfg.output_loss == "ctc" and model_cfg.ctc_blank == "mask"  # the default, recorded
     # resumes: one more update from the checkpoint
     more = run_cli("fairseq-train", *train_args(xsum_tiny, tmp_path, "--exit-mode", "soft", *CTC,
                                                 "--glance", "0.5:0.3", updates=4))
@@ -250,17 +293,17 @@ def test_fairseq_train_and_generate_with_ctc_and_glancing(xsum_tiny, tmp_path):
 
 
 def test_ctc_stage_fine_tunes_from_a_ce_checkpoint(xsum_tiny, tmp_path):
-    """The two-stage recipe (docs/one-pass.md): a ce ELMER, then CTC from its weights."""
+    """The two-stage recipe (docs/one-pass.md): a ce ELMER, then CTC from its weights, EOS the blank."""
     ce = tmp_path / "ce"
     run_cli("fairseq-train", *train_args(xsum_tiny, ce, "--exit-mode", "soft", updates=2))
     stage_one = torch.load(ce / "checkpoint_last.pt", weights_only=False)
     assert stage_one["cfg"]["model"].output_loss == "ce"
     run = run_cli("fairseq-train", *train_args(xsum_tiny, tmp_path / "ctc", "--exit-mode", "soft", *CTC,
-                                               "--glance", "0.3", "--finetune-from-model",
+                                               "--ctc-blank", "eos", "--glance", "0.3", "--finetune-from-model",
                                                ce / "checkpoint_last.pt", updates=1))
     assert f"loading pretrained model from {ce / 'checkpoint_last.pt'}" in run.stdout
     stage_two = torch.load(tmp_path / "ctc" / "checkpoint_last.pt", weights_only=False)
-    assert stage_two["cfg"]["model"].output_loss == "ctc"
+    assert stage_two["cfg"]["model"].output_loss == "ctc" and stage_two["cfg"]["model"].ctc_blank == "eos"
     assert stage_two["optimizer_history"][-1]["num_updates"] == 1  # a new run, not stage one resumed
     changed = [k for k, w in stage_one["model"].items() if not torch.equal(w, stage_two["model"][k])]
     assert changed and set(stage_two["model"]) == set(stage_one["model"])  # the same parameters, trained on
@@ -275,6 +318,7 @@ def test_ctc_stage_fine_tunes_from_a_ce_checkpoint(xsum_tiny, tmp_path):
     ((*CTC, "--criterion", "elmer_loss", "--label-smoothing", "0.1"),
      "--label-smoothing 0.1: not defined for --output-loss ctc"),
     ((*CTC, "--eos-after-end"), "--eos-after-end"),
+    (("--ctc-blank", "eos"), "--ctc-blank eos chooses CTC's blank symbol: it needs --output-loss ctc"),
     (("--glance-loss", "all"), "--glance-loss all"),
     ((*CTC, "--glance", "0.3", "--glance-loss", "unrevealed"), "--glance-loss unrevealed"),
 ])

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 MASK_SYMBOL = "<mask>"
 GOLD_MIX_PROB = 0.3  # the ELMER authors' fine-tuning code (fine-tune/modeling_bart.py); not in the paper
 OUTPUT_LOSSES = ("ce", "ctc")
+CTC_BLANKS = ("mask", "eos")
 LENGTH_LOSS_FACTOR = 0.1
 # --ramp-precision: the dtype the off-ramps' product runs in when decoding (None: the model's own)
 RAMP_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -75,6 +76,15 @@ class ElmerModel(TransformerModel):
                  "checkpoint",
         )
         parser.add_argument(
+            "--ctc-blank", choices=CTC_BLANKS,
+            help="with --output-loss ctc, the symbol that means 'nothing here': mask (default), the [MASK] the "
+                 "decoder reads at every position, written back; eos, the EOS that an ELMER trained with ce "
+                 "already writes at the positions after its output, so that a ce checkpoint fine-tuned with "
+                 "ctc starts from alignments that use the blank (docs/one-pass.md). With eos an EOS is no "
+                 "longer an end: the output is every position, repeats merged, EOS dropped. Recorded in the "
+                 "checkpoint",
+        )
+        parser.add_argument(
             "--glance", metavar="RATIO|START:END",
             help="glancing training (GLAT): a first pass without gradient decodes the [MASK]s; RATIO times "
                  "its number of wrong positions, chosen at random, then read the reference token (with "
@@ -116,6 +126,7 @@ class ElmerModel(TransformerModel):
         args.output_loss = getattr(args, "output_loss", None) or "ce"
         args.gold_mix_prob = resolve_gold_mix(getattr(args, "exit_mode", None), getattr(args, "gold_mix_prob", None),
                                               args.output_loss)
+        args.ctc_blank = resolve_ctc_blank(args.output_loss, getattr(args, "ctc_blank", None))
         args.glance_loss = resolve_glance_loss(args.output_loss, getattr(args, "glance", None),
                                                getattr(args, "glance_loss", None))
         args.length_loss_factor = resolve_length_head(getattr(args, "length_head", False), args.output_loss,
@@ -133,6 +144,7 @@ class ElmerModel(TransformerModel):
     def __init__(self, args, encoder, decoder):
         super().__init__(args, encoder, decoder)
         self.output_loss = getattr(args, "output_loss", None) or "ce"  # checkpoints before CTC: ce
+        self.ctc_blank = getattr(args, "ctc_blank", None) or "mask"  # CTC checkpoints before --ctc-blank: mask
         glance = getattr(args, "glance", None)
         self.glance_schedule = glancing.parse(glance, getattr(args, "max_update", 0)) if glance else None
         self.num_updates = 0
@@ -147,8 +159,10 @@ class ElmerModel(TransformerModel):
 
     @property
     def blank(self) -> Optional[int]:
-        """The CTC blank's index ([MASK]), None when the output is not CTC's."""
-        return self.decoder.mask_idx if self.output_loss == "ctc" else None
+        """The CTC blank's index ([MASK] or EOS, --ctc-blank), None when the output is not CTC's."""
+        if self.output_loss != "ctc":
+            return None
+        return self.decoder.dictionary.eos() if self.ctc_blank == "eos" else self.decoder.mask_idx
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, tgt_tokens, exit_layers=None):
         """Loss terms for `elmer_loss` (fairseq's nat_loss format).
@@ -714,6 +728,15 @@ def resolve_gold_mix(exit_mode, prob, output_loss="ce"):
         raise ValueError(f"--gold-mix-prob {prob} puts the target's t-th token at position t; with --output-loss "
                          f"ctc a target has no fixed position (use --glance, which aligns it first)")
     return prob
+
+
+def resolve_ctc_blank(output_loss: str, blank: Optional[str]) -> Optional[str]:
+    """--ctc-blank for a new model: [MASK] by default with ctc, refused with ce (None then)."""
+    if output_loss != "ctc":
+        if blank is not None:
+            raise ValueError(f"--ctc-blank {blank} chooses CTC's blank symbol: it needs --output-loss ctc")
+        return None
+    return blank or "mask"
 
 
 def resolve_glance_loss(output_loss, glance, value):
