@@ -44,6 +44,8 @@ CHANGES_LOSS = {
     "exit_threshold": ("hard", ["--exit-threshold", "100"]),  # every position frozen after layer 1
     "label_smoothing": ("soft", ["--label-smoothing", "0.1"]),
     "output_loss": ("soft", ["--output-loss", "ctc"]),
+    # against ctc with the [MASK] blank too: test_ctc's test_ctc_blank_eos_changes_the_loss_and_the_output
+    "ctc_blank": ("soft", ["--output-loss", "ctc", "--ctc-blank", "eos"]),
     "glance": ("soft", ["--glance", "0.9"]),
     # against glancing with the default (unrevealed) too: test_ctc's test_glance_loss_all_trains_every_position
     "glance_loss": ("soft", ["--glance", "0.9", "--glance-loss", "all"]),
