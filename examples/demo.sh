@@ -42,11 +42,11 @@ python examples/boolq/prepare.py --out "$DATA" --tokenizer data/minilm/hf/tokeni
 test -f "$DATA/ckpt-pass/model.pt" || python examples/minilm.py --out "$DATA/ckpt-pass" --dict "$DATA/dict.txt" 2>&1 | quiet
 python examples/distill.py --data "$DATA/bin" --from examples/boolq/kd-minilm64 --out "$DATA/kd" 2>&1 | quiet
 
-# fairseq-train DATA SAVE_DIR UPDATES FLAGS...: ELMER-Soft at the warm-started size; resumes from SAVE_DIR
+# fairseq-train SAVE_DIR UPDATES FLAGS...: ELMER-Soft at the warm-started size on $TRAIN; resumes from SAVE_DIR
 train() {
-  local data=$1 save=$2 updates=$3
-  shift 3
-  fairseq-train "$data" --user-dir elmer_fairseq --task elmer_translation --max-target-length 32 --cpu \
+  local save=$1 updates=$2
+  shift 2
+  fairseq-train "$TRAIN" --user-dir elmer_fairseq --task elmer_translation --max-target-length 32 --cpu \
     --arch elmer_base --encoder-embed-dim 384 --decoder-embed-dim 384 --encoder-ffn-embed-dim 1536 \
     --decoder-ffn-embed-dim 1536 --layernorm-eps 1e-12 --max-source-positions 512 --max-target-positions 512 \
     --exit-mode soft "$@" \
@@ -61,7 +61,7 @@ train() {
 
 echo "== 2/4 fairseq-train ELMER-Soft from MiniLM-L6, RECIPE=$RECIPE ${RECIPE_FLAGS[*]}, $UPDATES updates, $THREADS threads"
 SAVE=checkpoints/demo-$RECIPE
-train "$TRAIN" "$SAVE" "$UPDATES" --finetune-from-model "$DATA/ckpt-pass/model.pt" "${RECIPE_FLAGS[@]}"
+train "$SAVE" "$UPDATES" --finetune-from-model "$DATA/ckpt-pass/model.pt" "${RECIPE_FLAGS[@]}"
 NAME="ELMER-Soft, RECIPE=$RECIPE, $UPDATES updates"
 if [ "$CTC_UPDATES" -gt 0 ] && [ "$RECIPE" = paper ]; then
   echo "RECIPE=paper: no CTC stage (CTC_UPDATES=$CTC_UPDATES not used): the paper's ELMER is cross-entropy only"
@@ -69,7 +69,7 @@ elif [ "$CTC_UPDATES" -gt 0 ]; then
   echo "== 2/4, stage two: $CTC_UPDATES updates of --output-loss ctc ${RECIPE_FLAGS[*]} from that checkpoint"
   # named by stage one's length: a longer stage one starts a new stage two
   SAVE_CTC=checkpoints/demo-$RECIPE-$UPDATES-ctc
-  train "$TRAIN" "$SAVE_CTC" "$CTC_UPDATES" --finetune-from-model "$SAVE/checkpoint_last.pt" "${RECIPE_FLAGS[@]}" \
+  train "$SAVE_CTC" "$CTC_UPDATES" --finetune-from-model "$SAVE/checkpoint_last.pt" "${RECIPE_FLAGS[@]}" \
     --output-loss ctc
   SAVE=$SAVE_CTC
   NAME="ELMER-Soft, RECIPE=$RECIPE, $UPDATES ce + $CTC_UPDATES CTC updates"
