@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--ramp-precision", choices=["fp32", "bf16"], default="fp32",
                    help="the off-ramps' products in bf16 (faster on CPUs with bf16 instructions and on GPUs; "
                         "outputs can differ where two tokens are close; default: fp32, the paper's)")
+    p.add_argument("--max-exit-layer", type=positive_int, metavar="K",
+                   help="decoder layers 1..K only: every position exits by layer K (soft exit writes layer K's "
+                        "off-ramp's prediction); faster, outputs can differ (default: all layers, the paper's)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return p.parse_args(argv)
@@ -70,7 +73,7 @@ def main(argv=None):
             names = [f"{where}:{start + i + 1}" for i in range(len(chunk))]  # read_lines kept every line
             for text in model.generate(chunk, exit_threshold=args.exit_threshold, exit_thresholds=args.exit_thresholds,
                                        length_cut=args.length_cut, shortlist=args.ramp_shortlist,
-                                       ramp_precision=args.ramp_precision,
+                                       ramp_precision=args.ramp_precision, max_exit_layer=args.max_exit_layer,
                                        batch_size=step, names=names):
                 print(text, flush=False)
             progress.update(len(chunk))

@@ -61,7 +61,7 @@ class ElmerGenerator:
 
     def __init__(self, tgt_dict, max_target_length: int, exit_threshold: float, summary: bool = True,
                  oracle_length: bool = False, policy: str = "", length_cut: Optional[int] = None,
-                 shortlist: Optional[int] = None, ramp_precision: str = "fp32"):
+                 shortlist: Optional[int] = None, ramp_precision: str = "fp32", max_exit_layer: Optional[int] = None):
         self.tgt_dict = tgt_dict
         self.policy = policy  # named in the summary: which exit mode and delta decoded
         self.oracle_length = oracle_length
@@ -78,6 +78,7 @@ class ElmerGenerator:
         self.length_cut = length_cut
         self.shortlist = shortlist
         self.ramp_dtype = ramp_dtype(ramp_precision)
+        self.max_exit_layer = max_exit_layer
         self.stats = None
         self.predicted = []  # a length head's predictions, for the summary
         if summary:
@@ -110,7 +111,8 @@ class ElmerGenerator:
             out = self.decode_oracle_length(model, net_input, sample.get("target"), eos, pad)
         else:
             out = model.generate(net_input["src_tokens"], net_input["src_lengths"], self.length, self.exit_threshold,
-                                 self.length_cut, self.shortlist, ramp_dtype=self.ramp_dtype)
+                                 self.length_cut, self.shortlist, ramp_dtype=self.ramp_dtype,
+                                 max_exit_layer=self.max_exit_layer)
         tokens = out.tokens
         keep = output_positions(model, tokens, eos, pad)
         if self.stats is None:
@@ -147,7 +149,8 @@ class ElmerGenerator:
         ends = target_lengths(target, eos, pad).clamp(min=1)
         told = model.decoder.embed_length is not None
         rows = [model.generate(net_input["src_tokens"][i:i + 1], net_input["src_lengths"][i:i + 1], int(n),
-                               self.exit_threshold, lengths=ends[i:i + 1] if told else None, ramp_dtype=self.ramp_dtype)
+                               self.exit_threshold, lengths=ends[i:i + 1] if told else None, ramp_dtype=self.ramp_dtype,
+                               max_exit_layer=self.max_exit_layer)
                 for i, n in enumerate(ends.tolist())]
         width = max(r.tokens.size(1) for r in rows)
 

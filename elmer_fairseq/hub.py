@@ -72,7 +72,8 @@ class ELMER(GeneratorHubInterface):
     def generate(self, sentences: List[str], exit_mode: Optional[str] = None, exit_threshold: Optional[float] = None,
                  batch_size: int = 32, return_details: bool = False, exit_thresholds=None,
                  names: Optional[List[str]] = None, length_cut: Optional[int] = None,
-                 shortlist: Optional[int] = None, ramp_precision: str = "fp32") -> Union[List[str], List[Dict]]:
+                 shortlist: Optional[int] = None, ramp_precision: str = "fp32",
+                 max_exit_layer: Optional[int] = None) -> Union[List[str], List[Dict]]:
         """Raw strings in, generated strings out (in input order), one decoder pass per batch.
 
         exit_mode must be the checkpoint's (or None); exit_threshold is hard exit's delta (default:
@@ -87,6 +88,7 @@ class ELMER(GeneratorHubInterface):
         shortlist: K, soft exit: the middle off-ramps score layer 1's K most likely tokens per
         position only (None: the whole vocabulary, the paper's; see ElmerDecoder.decode).
         ramp_precision: "fp32" (the paper's) or "bf16": the off-ramps' products in bf16 (see ElmerDecoder.decode).
+        max_exit_layer: K: decoder layers 1..K only, every position exits by K (None: all L, the paper's).
         """
         if isinstance(sentences, str):
             raise TypeError("generate takes a list of strings")
@@ -100,7 +102,8 @@ class ELMER(GeneratorHubInterface):
         if blank:  # the model would still write something for it
             raise ValueError(f"{blank[0]}: empty input ({len(blank)} of the {len(sentences)} inputs are empty)")
         generator = ElmerGenerator(self.tgt_dict, self.task.cfg.max_target_length, policy.threshold, summary=False,
-                                   length_cut=length_cut, shortlist=shortlist, ramp_precision=ramp_precision)
+                                   length_cut=length_cut, shortlist=shortlist, ramp_precision=ramp_precision,
+                                   max_exit_layer=max_exit_layer)
         tokens = [self.truncate(self.encode(s), name) for name, s in zip(names, sentences)]
         with open_dict(self.cfg):
             self.cfg.dataset.batch_size, self.cfg.dataset.max_tokens = batch_size, None

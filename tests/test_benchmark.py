@@ -244,6 +244,13 @@ def test_a_ctc_variant_has_no_oracle_length_row_and_every_elmer_system_a_length_
                                                     "bf16"]
     shallow = harness.systems(harness.parse_args(["--layers", "2"]))
     assert not {"ELMER-Soft, --ramp-shortlist 64", *fast} & set(shallow["elmer-soft"].rows)
+    # a decoder deeper than EXIT_LAYER also gets the shortcuts with its upper layers left out
+    deep = harness.systems(harness.parse_args(["--layers", "6", "--elmer-options=--output-loss ctc"]))["elmer-soft"].rows
+    assert list(deep)[len(ctc["elmer-soft"].rows):] == [
+        "ELMER-Soft, --max-exit-layer 4 --ramp-shortlist 64",
+        "ELMER-Soft, --max-exit-layer 4 --length-cut 2 --ramp-shortlist 64 --ramp-precision bf16"]
+    assert deep["ELMER-Soft, --max-exit-layer 4 --ramp-shortlist 64"][-4:] == ["--max-exit-layer", "4",
+                                                                              "--ramp-shortlist", "64"]
     assert ctc["elmer-hard"].rows["ELMER-Hard (delta=0.5), --length-cut 2"][-2:] == ["--length-cut", "2"]
 
 

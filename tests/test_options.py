@@ -106,6 +106,7 @@ NOT_NUMERIC = {
     "length_cut": "generation only (test_length_cut)",
     "ramp_shortlist": "generation only (test_shortlist)",
     "ramp_precision": "generation only (test_ramp_precision)",
+    "max_exit_layer": "generation only (test_max_exit_layer)",
     "exit_thresholds": "generation only (test_calibrate)",
     "eval_bleu": "validation BLEU with ELMER's generator (tested here)",
     "eval_bleu_args": "with --eval-bleu", "eval_bleu_detok": "with --eval-bleu",

@@ -263,15 +263,18 @@ class ElmerModel(TransformerModel):
     def generate(self, src_tokens, src_lengths, length: int,
                  exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                  length_cut: Optional[int] = None, shortlist: Optional[int] = None,
-                 lengths: Optional[Tensor] = None, ramp_dtype: Optional[torch.dtype] = None) -> Decoded:
+                 lengths: Optional[Tensor] = None, ramp_dtype: Optional[torch.dtype] = None,
+                 max_exit_layer: Optional[int] = None) -> Decoded:
         """One-pass decoding of T = `length` positions: encoder once, decoder once (its upper
         layers on fewer positions with `length_cut`, its middle off-ramps on fewer tokens with
-        `shortlist`, its off-ramps' products in `ramp_dtype`; see ElmerDecoder.decode). `lengths`
+        `shortlist`, its off-ramps' products in `ramp_dtype`, layers 1..`max_exit_layer` only;
+        see ElmerDecoder.decode). `lengths`
         [B]: the output lengths a length head's decoder is told instead of its own prediction (the
         reference's, for --oracle-length)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         return self.decoder.decode(encoder_out, length, exit_threshold, length_cut=length_cut, blank=self.blank,
-                                   shortlist=shortlist, lengths=lengths, ramp_dtype=ramp_dtype)
+                                   shortlist=shortlist, lengths=lengths, ramp_dtype=ramp_dtype,
+                                   max_exit_layer=max_exit_layer)
 
 
 class LPLMPrefix(NamedTuple):
@@ -530,9 +533,15 @@ class ElmerDecoder(TransformerDecoder):
                exit_threshold: exit_policy.Threshold = exit_policy.DEFAULT_EXIT_THRESHOLD,
                forced_exits: Optional[Tensor] = None, length_cut: Optional[int] = None,
                blank: Optional[int] = None, shortlist: Optional[int] = None,
-               lengths: Optional[Tensor] = None, ramp_dtype: Optional[torch.dtype] = None) -> Decoded:
+               lengths: Optional[Tensor] = None, ramp_dtype: Optional[torch.dtype] = None,
+               max_exit_layer: Optional[int] = None) -> Decoded:
         """One pass over T = `length` [MASK] positions with the model's exit mode (a decoder with a
         length head is told `lengths` [B], or its own prediction; see mask_input).
+
+        `max_exit_layer` K (None: L, the paper's): every position exits by layer K at the latest,
+        and layers K+1..L are not run. Soft exit writes layer K's off-ramp's prediction (each
+        off-ramp is trained to predict the output: the loss averages all L); hard exit makes K its
+        last layer, whose off-ramp predicts whatever is still in flight.
 
         `ramp_dtype` (None: the model's dtype, the paper's): every off-ramp's product runs in this
         dtype, on a copy of the matrix made once (off_ramp_weight); the reductions over the
@@ -558,8 +567,11 @@ class ElmerDecoder(TransformerDecoder):
         another token than the full argmax, so outputs can differ (docs/one-pass.md measures it)."""
         if length_cut is not None and not length_cut >= 0:
             raise ValueError(f"--length-cut must be >= 0 (positions kept past layer 1's end), got {length_cut}")
+        if max_exit_layer is not None and not 1 <= max_exit_layer <= self.num_layers:
+            raise ValueError(f"--max-exit-layer {max_exit_layer}: a decoder layer in 1..{self.num_layers} "
+                             f"(this decoder has {self.num_layers})")
         enc = encoder_out["encoder_out"][0]
-        bsz, L, full = enc.size(1), self.num_layers, length
+        bsz, L, full = enc.size(1), max_exit_layer or self.num_layers, length
         masks = enc.new_full((bsz, length), self.mask_idx, dtype=torch.long)
         predicted = None
         if self.embed_length is not None and lengths is None:
@@ -570,7 +582,8 @@ class ElmerDecoder(TransformerDecoder):
         if shortlist is not None:
             if self.exit_mode != "soft" or not shortlist >= 1 or L < 3:
                 raise ValueError(f"--ramp-shortlist {shortlist}: a number >= 1 of candidates for the middle off-ramps "
-                                 f"of a soft-exit decoder with >= 3 layers (this one: {self.exit_mode}, {L} layers)")
+                                 f"of a soft-exit decoder that runs >= 3 layers (this one: {self.exit_mode}, {L} layers"
+                                 f"{'' if L == self.num_layers else ' of ' + str(self.num_layers) + ' by --max-exit-layer'})")
         low = (lambda t: t) if ramp_dtype is None else (lambda t: t.to(ramp_dtype))
         if self.exit_mode == "soft":
             first, candidates = None, None  # layer 1's predictions at every position; the shortlist

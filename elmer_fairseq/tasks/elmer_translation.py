@@ -84,6 +84,14 @@ class ElmerTranslationConfig(TranslationConfig):
                           "bf16 instructions (AVX512-BF16, AMX) and on GPUs; where two tokens are close the "
                           "argmax can differ (docs/speed.md measures how often)"},
     )
+    max_exit_layer: Optional[int] = field(
+        default=None,
+        metadata={"help": "generation: every position exits by decoder layer K at the latest and the layers above K "
+                          "are not run: soft exit writes layer K's off-ramp's prediction (every off-ramp is trained "
+                          "to predict the output), hard exit makes K its last layer. Cheaper by the layers left "
+                          "out; outputs can differ (docs/one-pass.md measures them). Default: all L layers (the "
+                          "paper's)"},
+    )
     seed: int = II("common.seed")
 
 
@@ -271,7 +279,7 @@ class ElmerTranslationTask(EverySampleEvaluated, TranslationTask):
         return ElmerGenerator(self.target_dictionary, self.cfg.max_target_length, policy.threshold,
                               oracle_length=self.cfg.oracle_length, policy=policy.describe(),
                               length_cut=self.cfg.length_cut, shortlist=self.cfg.ramp_shortlist,
-                              ramp_precision=self.cfg.ramp_precision)
+                              ramp_precision=self.cfg.ramp_precision, max_exit_layer=self.cfg.max_exit_layer)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         if constraints is not None:
