@@ -78,7 +78,9 @@ ARCH_OPTIONS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decode
 
 LENGTH_CUT = 2  # the margin of ELMER's --length-cut rows
 SHORTLIST = 64  # ELMER-Soft's --ramp-shortlist row: its outputs equalled the full vocabulary's (docs/one-pass.md)
-EXIT_LAYER = 4  # the --max-exit-layer rows: on the warm track layer 4's off-ramp writes as layer 6's (docs/one-pass.md)
+# the --max-exit-layer rows: on the warm track layer 4's off-ramp writes as layer 6's, layer 2's
+# nearly so (docs/one-pass.md)
+EXIT_LAYERS = (4, 2)
 
 
 @dataclass
@@ -142,11 +144,13 @@ def systems(args) -> dict:
         soft_rows[f"ELMER-Soft, --ramp-shortlist {SHORTLIST} --ramp-precision bf16"] = elmer_gen + fast
         soft_rows[f"ELMER-Soft, --length-cut {LENGTH_CUT} --ramp-shortlist {SHORTLIST} --ramp-precision bf16"] = \
             elmer_gen + cut + fast
-    if layers is None or layers > EXIT_LAYER:  # the same shortcuts with the layers above EXIT_LAYER left out
-        short = ["--max-exit-layer", str(EXIT_LAYER)]
-        soft_rows[f"ELMER-Soft, --max-exit-layer {EXIT_LAYER} --ramp-shortlist {SHORTLIST}"] = elmer_gen + short + shortlist
-        soft_rows[f"ELMER-Soft, --max-exit-layer {EXIT_LAYER} --length-cut {LENGTH_CUT} --ramp-shortlist {SHORTLIST} "
-                  f"--ramp-precision bf16"] = elmer_gen + short + cut + fast
+    for k in EXIT_LAYERS:  # the shortcuts with the layers above k left out (a shortlist needs a middle layer)
+        if layers is None or layers > k:
+            short = ["--max-exit-layer", str(k)] + (["--ramp-shortlist", str(SHORTLIST)] if k >= 3 else [])
+            name = f"ELMER-Soft, {' '.join(short)}"
+            soft_rows[name] = elmer_gen + short
+            soft_rows[name.replace(" --ramp", f" --length-cut {LENGTH_CUT} --ramp") if k >= 3 else
+                      f"{name} --length-cut {LENGTH_CUT}"] = elmer_gen + short[:2] + cut + short[2:]
     if not ctc:  # reads the reference's length: comparable with the paper's rows, not a result
         soft_rows["ELMER-Soft, oracle T (authors' test protocol)"] = elmer_gen + ["--oracle-length"]
     elmer_soft = System("elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"), soft_rows)

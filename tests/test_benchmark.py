@@ -238,19 +238,20 @@ def test_a_ctc_variant_has_no_oracle_length_row_and_every_elmer_system_a_length_
     assert "ELMER-Soft, oracle T (authors' test protocol)" in paper["elmer-soft"].rows
     fast = ["ELMER-Soft, --ramp-shortlist 64 --ramp-precision bf16",
             "ELMER-Soft, --length-cut 2 --ramp-shortlist 64 --ramp-precision bf16"]
+    exit_2 = ["ELMER-Soft, --max-exit-layer 2", "ELMER-Soft, --max-exit-layer 2 --length-cut 2"]
     assert list(ctc["elmer-soft"].rows) == ["ELMER-Soft", "ELMER-Soft, --length-cut 2", "ELMER-Soft, --ramp-shortlist 64",
-                                            *fast]
+                                            *fast, *exit_2]
     assert ctc["elmer-soft"].rows[fast[1]][-6:] == ["--length-cut", "2", "--ramp-shortlist", "64", "--ramp-precision",
                                                     "bf16"]
+    assert ctc["elmer-soft"].rows[exit_2[1]][-4:] == ["--max-exit-layer", "2", "--length-cut", "2"]
     shallow = harness.systems(harness.parse_args(["--layers", "2"]))
-    assert not {"ELMER-Soft, --ramp-shortlist 64", *fast} & set(shallow["elmer-soft"].rows)
-    # a decoder deeper than EXIT_LAYER also gets the shortcuts with its upper layers left out
+    assert not {"ELMER-Soft, --ramp-shortlist 64", *fast, *exit_2} & set(shallow["elmer-soft"].rows)
+    # a decoder deeper than 4 also gets the shortcuts with layers 5 .. L left out
     deep = harness.systems(harness.parse_args(["--layers", "6", "--elmer-options=--output-loss ctc"]))["elmer-soft"].rows
-    assert list(deep)[len(ctc["elmer-soft"].rows):] == [
-        "ELMER-Soft, --max-exit-layer 4 --ramp-shortlist 64",
-        "ELMER-Soft, --max-exit-layer 4 --length-cut 2 --ramp-shortlist 64 --ramp-precision bf16"]
-    assert deep["ELMER-Soft, --max-exit-layer 4 --ramp-shortlist 64"][-4:] == ["--max-exit-layer", "4",
-                                                                              "--ramp-shortlist", "64"]
+    exit_4 = ["ELMER-Soft, --max-exit-layer 4 --ramp-shortlist 64",
+              "ELMER-Soft, --max-exit-layer 4 --length-cut 2 --ramp-shortlist 64"]
+    assert list(deep)[-4:] == [*exit_4, *exit_2]
+    assert deep[exit_4[1]][-6:] == ["--max-exit-layer", "4", "--length-cut", "2", "--ramp-shortlist", "64"]
     assert ctc["elmer-hard"].rows["ELMER-Hard (delta=0.5), --length-cut 2"][-2:] == ["--length-cut", "2"]
 
 
