@@ -203,6 +203,27 @@ def run_row(row, gen_flags, data: Path, model, args) -> list:
     return records
 
 
+def run_interleaved(rows, data: Path, args) -> list:
+    """run_row for every (row, gen_flags, model) at once, in turns: pass i of every row, then pass
+    i + 1, so that a machine whose speed drifts (a shared VM) slows every row alike."""
+    loaded = [(row, *load(gen_flags, data, model)) for row, gen_flags, model in rows]
+    records = []
+    for size in args.batch_sizes:
+        passes = [batches(sources(task, args), size, args.warmup + args.samples) for _, task, _, _ in loaded]
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            sums = [dict() for _ in loaded]
+            for i in range(args.warmup + args.samples):
+                for (_, task, model, generator), own, total in zip(loaded, passes, sums):
+                    means, _ = profile(task, model, generator, [own[i]], 0, CLOCKS[args.clock])
+                    for key, value in means.items():
+                        total[key] = total.get(key, 0.0) + (value / args.samples if i >= args.warmup else 0.0)
+            for (row, *_), means in zip(loaded, sums):
+                records.append({"system": row, "batch_size": size, "threads": threads, "passes": args.samples, **means})
+                print(table(records[-1:], header=False)[-1], flush=True)
+    return records
+
+
 KEYS = ["system", "batch_size", "threads", "passes", "total", *BUCKETS, "floor", "floor_positions"]
 
 
@@ -279,6 +300,10 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: elapsed time (default); cpu: this thread's CPU time, which other processes on a busy "
                         "machine do not inflate (--threads 1 only: it does not count torch's other threads)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the rows in turns, one pass of each, instead of one row after the other: on a "
+                        "machine whose speed drifts (a shared VM), compare rows from such a run (all models "
+                        "are loaded at once)")
     p.add_argument("--out", type=Path, default=Path("results/profile"))
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.threads != [1]:
@@ -306,9 +331,13 @@ def main(argv=None):
     records = []
     with tempfile.TemporaryDirectory() as vocab:
         data = args.data or write_vocab(Path(vocab), args.vocab)
-        for row, (system, gen_flags) in profiled_rows(args.systems, bench).items():
-            model = args.checkpoints[system.name] if args.checkpoints else train_flags(system, bench)
-            records += run_row(row, gen_flags, data, model, args)
+        rows = [(row, gen_flags, args.checkpoints[system.name] if args.checkpoints else train_flags(system, bench))
+                for row, (system, gen_flags) in profiled_rows(args.systems, bench).items()]
+        if args.interleave:
+            records = run_interleaved(rows, data, args)
+        else:
+            for row, gen_flags, model in rows:
+                records += run_row(row, gen_flags, data, model, args)
     models = (f"random weights, {args.layers}+{args.layers} layers, d={args.dim}, {args.heads} heads"
               if args.random_warm else "checkpoints " + ", ".join(f"{n}={p}" for n, p in args.checkpoints.items()))
     header = (f"{models}; sources: {args.data or f'random, {args.source_length} pieces'}; "

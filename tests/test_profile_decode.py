@@ -127,6 +127,22 @@ def test_the_script_writes_the_table_the_csv_and_the_plot(tmp_path):
     assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_interleaved_rows_are_timed_in_turns_and_add_up(tmp_path, monkeypatch):
+    order, real = [], prof.profile
+    monkeypatch.setattr(prof, "profile", lambda task, model, *a, **k: order.append(type(model).__name__) or
+                        real(task, model, *a, **k))
+    records = prof.main(["--random-warm", "--systems", "transformer", "elmer-hard", "--vocab", "100",
+                         "--source-length", "10", "--batch-sizes", "2", "--threads", "1", "--samples", "2",
+                         "--warmup", "1", "--interleave", "--out", str(tmp_path), *TINY])
+    rows = ["Transformer (AR, greedy)", "ELMER-Hard (delta=0.5)", "ELMER-Hard (delta=0.5), --length-cut 2"]
+    assert [(r["system"], r["batch_size"], r["passes"]) for r in records] == [(row, 2, 2) for row in rows]
+    # one pass of each row in turn, three times (one untimed): never two passes of a row in a row
+    assert order == ["TransformerModel", "ElmerModel", "ElmerModel"] * 3
+    for r in records:
+        assert sum(r[b] for b in prof.BUCKETS) == pytest.approx(r["total"]) and r["total"] > 0
+    assert "floor" not in records[0] and 0 < records[1]["floor"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoints", "elmer-soft=x.pt"], "--checkpoints: pass --data"),
     (["--checkpoints", "x.pt", "--data", "."], "--checkpoints: each is NAME=PATH"),
