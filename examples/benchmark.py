@@ -146,11 +146,9 @@ def systems(args) -> dict:
             elmer_gen + cut + fast
     for k in EXIT_LAYERS:  # the shortcuts with the layers above k left out (a shortlist needs a middle layer)
         if layers is None or layers > k:
-            short = ["--max-exit-layer", str(k)] + (["--ramp-shortlist", str(SHORTLIST)] if k >= 3 else [])
-            name = f"ELMER-Soft, {' '.join(short)}"
-            soft_rows[name] = elmer_gen + short
-            soft_rows[name.replace(" --ramp", f" --length-cut {LENGTH_CUT} --ramp") if k >= 3 else
-                      f"{name} --length-cut {LENGTH_CUT}"] = elmer_gen + short[:2] + cut + short[2:]
+            listed = ["--ramp-shortlist", str(SHORTLIST)] if k >= 3 else []
+            for flags in (["--max-exit-layer", str(k), *listed], ["--max-exit-layer", str(k), *cut, *listed]):
+                soft_rows[f"ELMER-Soft, {' '.join(flags)}"] = elmer_gen + flags
     if not ctc:  # reads the reference's length: comparable with the paper's rows, not a result
         soft_rows["ELMER-Soft, oracle T (authors' test protocol)"] = elmer_gen + ["--oracle-length"]
     elmer_soft = System("elmer-soft", "elmer_tiny", "model.pt", elmer_train("soft"), soft_rows)

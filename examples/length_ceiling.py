@@ -66,16 +66,17 @@ def ridge_r(x_train, y_train, x_test, y_test, held_out: int = 1000):
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
 
-    def fit(x, y, lam):
-        return np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ (y - y.mean())), y.mean()
+    def fitter(x, y):  # the Gram matrix once; each strength is one solve
+        gram, moment = x.T @ x, x.T @ (y - y.mean())
+        return lambda lam: (np.linalg.solve(gram + lam * np.eye(len(gram)), moment), y.mean())
 
     def r(w, b, x, y):
         pred = x @ w + b
         return float(np.corrcoef(pred, y)[0, 1]) if pred.std() > 0 else 0.0
 
-    fit_x, fit_y, val_x, val_y = x_train[:-held_out], y_train[:-held_out], x_train[-held_out:], y_train[-held_out:]
-    lam = max((10.0 ** k for k in range(-1, 6)), key=lambda lam: r(*fit(fit_x, fit_y, lam), val_x, val_y))
-    return r(*fit(x_train, y_train, lam), x_test, y_test), lam
+    fit, val_x, val_y = fitter(x_train[:-held_out], y_train[:-held_out]), x_train[-held_out:], y_train[-held_out:]
+    lam = max((10.0 ** k for k in range(-1, 6)), key=lambda lam: r(*fit(lam), val_x, val_y))
+    return r(*fitter(x_train, y_train)(lam), x_test, y_test), lam
 
 
 def encoder_means(sources, encoder: Path, batch: int = 64):
